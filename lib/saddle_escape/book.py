@@ -1,0 +1,398 @@
+"""The chapter-side API: what a chapter notebook calls to record parameters, claims, figures and
+glued numbers, and to write its results JSON.
+
+A chapter looks like this::
+
+    # --- cell tagged `parameters` ---
+    profile = "full"         # "full" for the book, "quick" for tests
+    seed = 0                 # RNG seed
+    results_dir = "results"  # where results/<chapter>.json goes
+    figures_dir = "figures"  # where figures/<chapter>/<name>.png|.svg go
+    eps_min = 1e-4           # smallest bottleneck scale
+
+    # --- next cell ---
+    from saddle_escape import book, params as P
+    run = book.ChapterRun("05_critical_depth", dict(profile=profile, seed=seed,
+                          results_dir=results_dir, figures_dir=figures_dir, eps_min=eps_min))
+    P.check_positive("eps_min", eps_min)
+
+    # --- experiment cells ---
+    run.claim("critical_depth.exponent[r=3,L=5]", "t_esc ∝ ε^-(r-2) for r ≥ 3",
+              measured=slope, expected=-1.0, tolerance=0.02);
+    run.figure(fig, "escape_times")
+    run.glue("t_esc_min", t_min, fmt="{:.3g}")   # prose: {glue:text}`t_esc_min`
+
+    # --- last cell ---
+    run.finish()
+
+Nothing goes to `results_dir` before :meth:`ChapterRun.finish`, so a chapter stopped by a bad
+parameter leaves no results JSON behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+from . import params as P
+from .provenance import environment
+
+CLAIM_KINDS = ("abs", "rel", "max", "min", "equal")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_HTML_TAG = re.compile(r"<(?=[A-Za-z/!?])")
+_REQUIRED = ("profile", "seed", "results_dir", "figures_dir")
+_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+
+
+class ClaimsFailed(AssertionError):
+    """Raised by :meth:`ChapterRun.finish` when at least one claim did not hold."""
+
+    def __init__(self, chapter: str, failed: list[dict]):
+        self.chapter, self.failed = chapter, failed
+        details = "; ".join(f"{c['key']} (measured {fmt_value(c['measured'])}, "
+                            f"expected {describe_expected(c)})" for c in failed)
+        super().__init__(f"{len(failed)} claim(s) failed in {chapter}: {details}")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+class _Silent(str):
+    """A string that shows nothing when it ends a notebook cell (returned paths and texts)."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- formatting helpers
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON data from numbers, numpy/torch scalars and arrays, paths, lists and dicts.
+
+    Non-finite floats become the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON has no
+    NaN). Anything else raises ``TypeError``.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Real):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu()
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return to_jsonable(value.tolist())
+    raise TypeError(f"cannot store a {type(value).__name__} in the results JSON: {value!r}")
+
+
+def fmt_value(value: Any) -> str:
+    """Short human form of a measured/expected value (4 significant digits for floats)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(fmt_value(v) for v in value) + "]"
+    return str(value)
+
+
+def describe_expected(claim: dict) -> str:
+    """The expectation of a claim in words: ``-1 ± 0.02``, ``-1 ± 2%``, ``≤ 1e-10``, ``= B``."""
+    kind, exp, tol = claim.get("kind", "abs"), fmt_value(claim["expected"]), claim["tolerance"]
+    if kind == "abs":
+        return f"{exp} ± {fmt_value(tol)}"
+    if kind == "rel":
+        return f"{exp} ± {fmt_value(100 * tol)}%"
+    if kind == "max":
+        return f"≤ {exp}" + (f" (+{fmt_value(tol)})" if tol else "")
+    if kind == "min":
+        return f"≥ {exp}" + (f" (−{fmt_value(tol)})" if tol else "")
+    return f"= {exp}"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub/MyST markdown table; cells are converted with :func:`fmt_value`."""
+    def cell(v: Any) -> str:
+        text = fmt_value(v).replace("|", "\\|").replace("\n", " ")
+        parts = text.split("$")  # outside $math$, stop `<name>` from being read as an HTML tag
+        parts[::2] = [_HTML_TAG.sub(r"\\<", p) for p in parts[::2]]
+        return "$".join(parts)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def claims_markdown(claims: list[dict]) -> str:
+    """The "Claims checked" table of a chapter, with a ✓/✗ status column."""
+    rows = [[f"`{c['key']}`", c["statement"], describe_expected(c), c["measured"],
+             "✓" if c["passed"] else "✗"] for c in claims]
+    return markdown_table(["claim", "statement", "expected", "measured", "status"], rows)
+
+
+def _in_ipython() -> bool:
+    return "IPython" in sys.modules and sys.modules["IPython"].get_ipython() is not None
+
+
+def _show_markdown(text: str) -> None:
+    if _in_ipython():
+        from IPython.display import Markdown, display
+        display(Markdown(text))
+    else:
+        print(text)
+
+
+# --------------------------------------------------------------------------- the chapter run
+
+class ChapterRun:
+    """One execution of one chapter: collects parameters, claims, figures and glued values.
+
+    Parameters
+    ----------
+    chapter : str
+        The chapter's stable name, e.g. ``"05_critical_depth"``; names the results JSON and the
+        figures folder.
+    parameters : dict
+        The values of the `parameters` cell: an explicit dict (preferred), or ``globals()`` right
+        after the parameters cell, in which case every public name holding plain data
+        (numbers, strings, bools, None, and lists/tuples/dicts of them) is taken.
+        Must include ``profile``, ``seed``, ``results_dir`` and ``figures_dir``.
+    device, dtype
+        Recorded in the environment block; default to ``parameters["device"]`` /
+        ``parameters["dtype"]`` when present, else ``"cpu"`` / ``"float64"``.
+
+    Notes
+    -----
+    Construction validates the four standard parameters (raising
+    :class:`saddle_escape.params.ParameterError`) and seeds Python's, numpy's and torch's global
+    RNGs with ``seed``.
+    """
+
+    def __init__(self, chapter: str, parameters: dict, *, device: str | None = None,
+                 dtype: str | None = None):
+        if not isinstance(chapter, str) or not _NAME.match(chapter):
+            raise ValueError(f"chapter name {chapter!r} must be like '05_critical_depth'")
+        self.chapter = chapter
+        self.parameters = to_jsonable(_collect_parameters(parameters))
+        for name in _REQUIRED:
+            if name not in self.parameters:
+                raise P.ParameterError(name, _Missing(), "every chapter's parameters cell must define it")
+        self.profile = P.check_profile(self.parameters["profile"])
+        self.seed = P.check_seed(self.parameters["seed"])
+        self.results_dir = Path(P.check_path("results_dir", self.parameters["results_dir"]))
+        self.figures_dir = Path(P.check_path("figures_dir", self.parameters["figures_dir"]))
+        self.device = str(device or self.parameters.get("device", "cpu"))
+        self.dtype = str(dtype or self.parameters.get("dtype", "float64"))
+        self.claims: list[dict] = []
+        self.figures: list[dict] = []
+        self.glued: dict[str, dict] = {}
+        self._finished = False
+        self._t0 = time.perf_counter()
+        _seed_everything(self.seed)
+
+    @property
+    def quick(self) -> bool:
+        """True in the ``"quick"`` profile (tests), False in ``"full"`` (the book)."""
+        return self.profile == "quick"
+
+    # ------------------------------------------------------------------ claims
+    def claim(self, key: str, statement: str, measured: Any, expected: Any,
+              tolerance: float | None = None, kind: str = "abs") -> bool:
+        """Check one claim of the paper against a measured value; return whether it passed.
+
+        The comparison depends on `kind`:
+
+        - ``"abs"`` (default): ``|measured - expected| <= tolerance``;
+        - ``"rel"``: ``|measured - expected| <= tolerance * |expected|``;
+        - ``"max"``: ``measured <= expected + tolerance`` (expected is an upper bound);
+        - ``"min"``: ``measured >= expected - tolerance`` (expected is a lower bound);
+        - ``"equal"``: ``measured == expected`` exactly (strings, class letters, counts).
+
+        `tolerance` defaults to 0. Numpy/torch scalars are converted to plain floats. A NaN
+        measurement never passes. End the cell with ``;`` to hide the returned bool.
+        """
+        P.check_choice("kind", kind, CLAIM_KINDS)
+        if not isinstance(key, str) or not key:
+            raise ValueError("a claim key must be a non-empty string")
+        if any(c["key"] == key for c in self.claims):
+            raise ValueError(f"claim {key!r} was already recorded in this chapter")
+        measured, expected = to_jsonable(measured), to_jsonable(expected)
+        if kind == "equal":
+            tolerance, passed = None, measured == expected
+        else:
+            tolerance = P.check_nonnegative("tolerance", 0.0 if tolerance is None else tolerance)
+            passed = _compare(key, measured, expected, tolerance, kind)
+        self.claims.append(dict(key=key, statement=str(statement), measured=measured,
+                                expected=expected, tolerance=tolerance, passed=bool(passed),
+                                kind=kind))
+        return bool(passed)
+
+    # ------------------------------------------------------------------ figures
+    def figure(self, fig, name: str, caption: str | None = None, *, display: bool = True) -> str:
+        """Save `fig` as ``figures_dir/<chapter>/<name>.png`` (150 dpi) and ``.svg``, show it in
+        the notebook (so it appears on the page), close it, and record it in the results.
+
+        For a numbered caption on the page, give the code cell ``mystnb: figure:`` metadata;
+        `caption` is stored in the results JSON. Returns the PNG path.
+        """
+        import matplotlib
+        import matplotlib.pyplot as plt
+
+        if not _NAME.match(name):
+            raise ValueError(f"figure name {name!r} must be a simple file name like 'escape_times'")
+        if any(f["name"] == name for f in self.figures):
+            raise ValueError(f"figure {name!r} was already saved in this chapter")
+        folder = self.figures_dir / self.chapter
+        folder.mkdir(parents=True, exist_ok=True)
+        png, svg = folder / f"{name}.png", folder / f"{name}.svg"
+        with matplotlib.rc_context({"svg.hashsalt": f"{self.chapter}/{name}"}):  # stable SVG ids
+            fig.savefig(png, dpi=150, bbox_inches="tight")
+            fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
+        if display and _in_ipython():
+            from IPython.display import display as ipy_display
+            ipy_display(fig)
+        plt.close(fig)
+        self.figures.append(dict(name=name, caption=caption, png=str(png), svg=str(svg)))
+        return _Silent(png)
+
+    # ------------------------------------------------------------------ glue and tables
+    def glue(self, name: str, value: Any, fmt: str | None = None) -> str:
+        """Glue ``fmt.format(value)`` (or ``str(value)``) for the prose to show with the MyST
+        role ``glue:text`` (written ``{glue:text}`` followed by the name in backquotes); also
+        stored under ``"glued"`` in the results. Returns the formatted text."""
+        text = fmt.format(value) if fmt else str(value)
+        if _in_ipython():
+            from myst_nb import glue as mystnb_glue
+            mystnb_glue(name, text, display=False)
+        try:
+            stored = to_jsonable(value)
+        except TypeError:
+            stored = text
+        self.glued[name] = {"text": text, "value": stored}
+        return _Silent(text)
+
+    def table(self, rows, columns: list[str] | None = None) -> None:
+        """Show a table on the page: a pandas DataFrame, a list of dicts, or a list of rows
+        with `columns`. Floats are shown with 4 significant digits."""
+        if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas
+            columns, rows = [str(c) for c in rows.columns], rows.to_dict("records")
+        rows = list(rows)
+        if rows and isinstance(rows[0], dict):
+            columns = columns or list(rows[0])
+            rows = [[r.get(c, "") for c in columns] for r in rows]
+        if columns is None:
+            raise ValueError("give `columns` for a table of plain rows")
+        _show_markdown(markdown_table(list(columns), [[to_jsonable(v) for v in r] for r in rows]))
+
+    # ------------------------------------------------------------------ finish
+    def results(self) -> dict:
+        """The results record as it would be written now."""
+        return {
+            "chapter": self.chapter,
+            "parameters": to_jsonable(self.parameters),
+            "environment": environment(self.device, self.dtype),
+            "wall_time_s": round(time.perf_counter() - self._t0, 3),
+            "claims": list(self.claims),
+            "figures": list(self.figures),
+            "glued": dict(self.glued),
+        }
+
+    def finish(self) -> dict:
+        """Write ``results_dir/<chapter>.json`` atomically, show the "Claims checked" table,
+        and raise :class:`ClaimsFailed` (after writing) if any claim failed."""
+        if self._finished:
+            raise RuntimeError(f"{self.chapter}: finish() was already called")
+        self._finished = True
+        record = self.results()
+        write_json_atomic(self.results_dir / f"{self.chapter}.json", record)
+        if self.claims:
+            _show_markdown(claims_markdown(self.claims))
+        failed = [c for c in self.claims if not c["passed"]]
+        if failed:
+            raise ClaimsFailed(self.chapter, failed)
+        return record
+
+
+# --------------------------------------------------------------------------- internals
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    """Write JSON through a temporary file in the same folder and ``os.replace`` it into place,
+    so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=2, ensure_ascii=False, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _compare(key: str, measured: Any, expected: Any, tolerance: float, kind: str) -> bool:
+    for what, v in (("measured", measured), ("expected", expected)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (
+                isinstance(v, str) and v not in ("nan", "inf", "-inf")):
+            raise TypeError(f"claim {key!r}: {what} must be a number for kind={kind!r}, got {v!r}")
+    m, e = float(measured), float(expected)
+    if math.isnan(m) or math.isnan(e):
+        return False
+    if kind == "abs":
+        return abs(m - e) <= tolerance
+    if kind == "rel":
+        return abs(m - e) <= tolerance * abs(e)
+    if kind == "max":
+        return m <= e + tolerance
+    return m >= e - tolerance
+
+
+def _is_plain_data(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
+    return False
+
+
+def _collect_parameters(parameters: dict) -> dict:
+    if not isinstance(parameters, dict):
+        raise TypeError("ChapterRun needs the parameters as a dict (or globals())")
+    if "__builtins__" not in parameters and "__name__" not in parameters:
+        return dict(parameters)
+    return {k: v for k, v in parameters.items()
+            if not k.startswith("_") and k not in _IPYTHON_NAMES and _is_plain_data(v)}
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(seed)

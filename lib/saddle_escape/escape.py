@@ -1,0 +1,116 @@
+"""Escape times from a saddle, and sweeps that report censored runs explicitly.
+
+Two definitions (both located to round-off by the integrator's event machinery):
+
+* ``"loss"`` -- the loss crosses halfway between its plateau value ``L(0)`` and the value the
+  escape reaches, ``L_ref``;
+* ``"norm"`` -- the bottleneck norm reaches a fixed fraction of its post-escape value.
+
+The post-escape references come from a pilot run (:func:`post_escape_reference`) integrated
+until the loss has dropped and stopped moving -- the next plateau or the minimum.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .integrate import Event, GradientFlow, PIController, solve
+from .params import ParameterError
+
+DEFINITIONS = ("loss", "norm")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Post-escape values: the loss the escape reaches, the bottleneck norm there, and when."""
+
+    loss: float
+    norm: float
+    time: float
+
+
+def post_escape_reference(term: GradientFlow, theta0: torch.Tensor, norm_fn: Callable, t_max: float,
+                          drop: float = 0.5, settle: float = 0.2, rtol: float = 1e-9,
+                          atol: float = 1e-12) -> Reference:
+    """Integrate one pilot run (``theta0`` of shape (1, P)) until the loss has fallen below
+    ``drop * L(0)`` and is *settled*: it changes by less than ``settle`` relative per e-fold of
+    time, ``t |dL/dt| < settle * L``."""
+    L0 = term.loss(theta0)
+
+    def settled(t, y, runs):
+        L = term.loss(y)
+        g = term(t, y)
+        rate = t * (g * g).sum(-1)            # t |dL/dt| under gradient flow
+        return torch.where(L > drop * L0[runs], torch.ones_like(L), rate - settle * L)
+
+    sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol),
+                events=[Event(settled, direction=-1)])
+    if sol.censored[0, 0]:
+        raise RuntimeError(f"the pilot run did not escape and settle before t_max = {t_max:g}; "
+                           "raise t_max or use a larger eps for the pilot")
+    y = sol.event_states[0]
+    return Reference(loss=term.loss(y).item(), norm=norm_fn(y).item(), time=sol.event_times[0, 0].item())
+
+
+def escape_events(term: GradientFlow, theta0: torch.Tensor, ref: Reference, norm_fn: Callable,
+                  definitions: Sequence[str] = DEFINITIONS, norm_fraction: float = 0.5) -> list[Event]:
+    """Non-terminal events for the requested escape definitions; thresholds are per run."""
+    for d in definitions:
+        if d not in DEFINITIONS:
+            raise ParameterError("definition", d, f"must be one of {', '.join(DEFINITIONS)}")
+    half = 0.5 * (term.loss(theta0) + ref.loss)
+    target = norm_fraction * ref.norm
+    fns = {"loss": lambda t, y, runs: term.loss(y) - half[runs],
+           "norm": lambda t, y, runs: target - norm_fn(y)}
+    return [Event(fns[d], -1, terminal=False, name=d) for d in definitions]
+
+
+@dataclass
+class EscapeResult:
+    """Escape times (B, n_definitions), ``inf`` for runs that did not escape before t_max."""
+
+    times: torch.Tensor
+    definitions: tuple
+    reference: Reference
+    solution: object
+
+    @property
+    def censored(self) -> torch.Tensor:
+        return torch.isinf(self.times)
+
+    def rows(self, **columns) -> list[dict]:
+        """Tidy rows, one per run, with the given per-run ``columns`` (sequences of length B);
+        a censored time is ``None`` and the row says ``censored=True``."""
+        out = []
+        for b in range(self.times.shape[0]):
+            row = {k: (v[b].item() if torch.is_tensor(v) else v[b]) for k, v in columns.items()}
+            for j, d in enumerate(self.definitions):
+                t = self.times[b, j].item()
+                row[f"t_esc_{d}"] = t if math.isfinite(t) else None
+            row["censored"] = bool(self.censored[b].any())
+            out.append(row)
+        return out
+
+
+def escape_times(term: GradientFlow, theta0: torch.Tensor, t_max: float, ref: Reference, norm_fn: Callable,
+                 definitions: Sequence[str] = DEFINITIONS, rtol: float = 1e-9, atol: float = 1e-14,
+                 norm_fraction: float = 0.5, stop_after: bool = True, progress: bool = False) -> EscapeResult:
+    """Escape times of all runs in ``theta0`` (B, P) in one batched integration.
+
+    With ``stop_after`` a run stops once the loss is 90% of the way down to ``L_ref`` and the
+    norm is past its threshold -- after every definition has fired. Runs that never escape are
+    integrated to ``t_max`` and come back censored (``inf``).
+    """
+    events = escape_events(term, theta0, ref, norm_fn, definitions, norm_fraction)
+    if stop_after:
+        L0 = term.loss(theta0)
+        past = L0 + 0.9 * (ref.loss - L0)
+        target = norm_fraction * ref.norm
+        events.append(Event(lambda t, y, runs: torch.maximum(term.loss(y) - past[runs], target - norm_fn(y)),
+                            -1, terminal=True, name="stop"))
+    sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol), events=events,
+                progress=progress, desc="escape sweep")
+    return EscapeResult(sol.event_times[:, : len(definitions)], tuple(definitions), ref, sol)

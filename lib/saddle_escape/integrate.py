@@ -1,0 +1,465 @@
+"""A small batched ODE integrator for gradient flow (in the spirit of diffrax / torchdiffeq).
+
+``solve(term, y0, t1, solver=Dopri5(), controller=PIController(...), events=..., saveat=...)``
+integrates ``dy/dt = term(t, y)`` for ``B`` independent runs stacked in ``y0`` (B, P). Every run
+has its own time and step size, so a sweep over eps whose escape times span eight decades is one
+call. The pieces are swappable:
+
+* solvers: :class:`Dopri5` (Dormand--Prince 5(4), FSAL, 4th-order dense output) and
+  :class:`Euler` (fixed-step explicit Euler, i.e. plain gradient descent on a gradient term);
+* step control: :class:`PIController` (error per unit step, PI gain) or :class:`ConstantStep`;
+* :class:`Event` -- located to round-off on the dense output, optionally terminal;
+* :class:`SaveAt` -- observables on a requested time grid, from the dense output.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import DivergenceError
+from .params import ParameterError
+from .progress import bar
+
+
+# ------------------------------------------------------------------ terms
+
+class ODETerm:
+    """Vector field ``f(t, y) -> dy/dt`` with bookkeeping of calls and the time spent in it."""
+
+    def __init__(self, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.f = f
+        self.calls = 0        # batched calls
+        self.run_evals = 0    # calls x runs in the batch
+        self.seconds = 0.0    # wall time inside f
+
+    def __call__(self, t, y):
+        start = time.perf_counter()
+        out = self.f(t, y)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.run_evals += y.shape[0]
+        return out
+
+
+class GradientFlow(ODETerm):
+    """``dtheta/dt = -grad L(theta)`` for a batched loss ``theta (B, P) -> (B,)``.
+
+    The runs are independent, so the gradient of the summed loss is every run's own gradient.
+    """
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.loss_fn = loss_fn
+        super().__init__(self._neg_grad)
+
+    def _neg_grad(self, t, theta):
+        with torch.enable_grad():
+            theta = theta.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.loss_fn(theta).sum(), theta)
+        return -g
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.loss_fn(theta)
+
+
+# ------------------------------------------------------------------ solvers
+
+class _Dense:
+    """Interpolant of one step, evaluated at fractions ``s`` in [0, 1] of each run's step."""
+
+    def __init__(self, coeffs):
+        self.coeffs = coeffs  # tensors (b, P), highest power first
+
+    def __call__(self, s: torch.Tensor, rows=None) -> torch.Tensor:
+        cs = self.coeffs if rows is None else [c[rows] for c in self.coeffs]
+        s = s[:, None]
+        out = cs[0]
+        for c in cs[1:]:
+            out = out * s + c
+        return out
+
+
+class Dopri5:
+    """Dormand--Prince 5(4) with FSAL and the 4th-order continuous extension."""
+
+    order = 5
+    _A = [
+        [],
+        [1 / 5],
+        [3 / 40, 9 / 40],
+        [44 / 45, -56 / 15, 32 / 9],
+        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
+        [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
+    ]
+    _C = [0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0]
+    _E = [71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]
+    _MID = [6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2,
+            -2691868925 / 45128329728 / 2, 187940372067 / 1594534317056 / 2,
+            -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2]
+
+    def step(self, term, t, y, f0, h):
+        hc = h[:, None]
+        k = [f0]
+        for i in range(1, 7):
+            yi = y + hc * sum(a * kj for a, kj in zip(self._A[i], k) if a != 0.0)
+            k.append(term(t + self._C[i] * h, yi))
+        y1, f1 = yi, k[6]
+        err = hc * sum(e * kj for e, kj in zip(self._E, k) if e != 0.0)
+        y_mid = y + hc * sum(m * kj for m, kj in zip(self._MID, k) if m != 0.0)
+        return y1, f1, err, _Dense(_quartic(y, y1, y_mid, f0, f1, hc))
+
+
+def _quartic(y0, y1, ym, f0, f1, h):
+    # Quartic through y0, y_mid, y1 matching f0, f1 (torchdiffeq's dopri5 interpolation).
+    a = 2 * h * (f1 - f0) - 8 * (y1 + y0) + 16 * ym
+    b = h * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ym
+    c = h * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ym
+    return [a, b, c, h * f0, y0]
+
+
+class Euler:
+    """Explicit Euler. With a :class:`GradientFlow` term and :class:`ConstantStep` this *is*
+    gradient descent with learning rate equal to the step; events and saves interpolate linearly."""
+
+    order = 1
+
+    def step(self, term, t, y, f0, h):
+        y1 = y + h[:, None] * f0
+        return y1, term(t + h, y1), None, _Dense([y1 - y, y])
+
+
+# ------------------------------------------------------------------ step control
+
+@dataclass
+class PIController:
+    """Adaptive steps from the embedded error: ``||err / (atol + rtol |y|)||_rms <= 1``."""
+
+    rtol: float = 1e-8
+    atol: float = 1e-12
+    dt0: float | None = None
+    dt_max: float = math.inf
+    safety: float = 0.9
+    factor_min: float = 0.2
+    factor_max: float = 10.0
+    beta1: float = 0.7 / 5
+    beta2: float = 0.4 / 5
+
+    def __post_init__(self):
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ParameterError(name, v, "must be a finite number > 0")
+
+    adaptive = True
+
+    def initial(self, term, t, y, f0, order):
+        if self.dt0 is not None:
+            return torch.full_like(t, float(self.dt0))
+        # Hairer, Norsett & Wanner, Solving ODEs I, II.4: a step where the Euler change is 1% of y.
+        scale = self.atol + self.rtol * y.abs()
+        d0 = _rms(y / scale)
+        d1 = _rms(f0 / scale)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        f1 = term(t + h0, y + h0[:, None] * f0)
+        d2 = _rms((f1 - f0) / scale) / h0
+        dmax = torch.maximum(d1, d2)
+        h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                         (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / order))
+        return torch.minimum(100 * h0, h1).clamp(max=self.dt_max)
+
+    def error_norm(self, err, y0, y1):
+        scale = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
+        return _rms(err / scale)
+
+    def propose(self, h, errn, errn_prev, order):
+        e = errn.clamp_min(1e-10)
+        factor = self.safety * e ** (-self.beta1) * errn_prev.clamp_min(1e-10) ** self.beta2
+        factor = torch.where(errn <= 1, factor.clamp(1.0, self.factor_max),
+                             (self.safety * e ** (-1.0 / order)).clamp(self.factor_min, 0.9))
+        factor = torch.nan_to_num(factor, nan=self.factor_min)
+        return (h * factor).clamp(max=self.dt_max)
+
+
+@dataclass
+class ConstantStep:
+    """Fixed step ``dt`` (every step accepted): the gradient-descent reference."""
+
+    dt: float
+    adaptive = False
+
+    def __post_init__(self):
+        if not (isinstance(self.dt, (int, float)) and self.dt > 0 and math.isfinite(self.dt)):
+            raise ParameterError("step_size", self.dt, "must be a finite number > 0")
+
+    def initial(self, term, t, y, f0, order):
+        return torch.full_like(t, float(self.dt))
+
+    def error_norm(self, err, y0, y1):
+        return torch.zeros(y0.shape[0], dtype=y0.dtype, device=y0.device)
+
+    def propose(self, h, errn, errn_prev, order):
+        return torch.full_like(h, float(self.dt))
+
+
+def _rms(x):
+    return torch.sqrt((x * x).mean(dim=-1))
+
+
+# ------------------------------------------------------------------ events and saving
+
+@dataclass
+class Event:
+    """A zero of ``fn(t, y, runs) -> (b,)`` where ``runs`` are the indices of the rows of ``y``
+    in the batch (so thresholds can differ per run). ``direction=-1`` only counts crossings
+    from positive to non-positive, ``+1`` the reverse, ``0`` both."""
+
+    fn: Callable
+    direction: int = 0
+    terminal: bool = True
+    name: str = "event"
+
+
+@dataclass
+class SaveAt:
+    """Save ``fn(y)`` (default: ``y`` itself) at the times ``ts`` (increasing, shared by all runs)."""
+
+    ts: torch.Tensor
+    fn: Callable | None = None
+
+
+@dataclass
+class Solution:
+    """Result of :func:`solve` for ``B`` runs.
+
+    ``ts``/``ys``: the save grid and the saved values (B, T, K); entries after a run stopped are
+    NaN and ``saved`` (B, T) says which are real. ``event_times`` (B, n_events) holds the first
+    time each event fired, ``inf`` where it did not (a censored run: never a silent NaN).
+    ``t_final``/``y_final``: where each run stopped; ``stopped_by_event`` (B,) bool.
+    """
+
+    t_final: torch.Tensor
+    y_final: torch.Tensor
+    event_times: torch.Tensor
+    event_states: list
+    stopped_by_event: torch.Tensor
+    ts: torch.Tensor | None
+    ys: torch.Tensor | None
+    saved: torch.Tensor | None
+    n_steps: torch.Tensor
+    n_rejected: torch.Tensor
+    calls: int
+    run_evals: int
+    seconds: float
+    seconds_in_term: float
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of the wall time spent outside the vector field (integrator bookkeeping)."""
+        return 1.0 - self.seconds_in_term / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def censored(self) -> torch.Tensor:
+        """(B, n_events) bool: the event never fired before the run's end."""
+        return torch.isinf(self.event_times)
+
+
+# ------------------------------------------------------------------ the driver
+
+def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
+          events: Sequence[Event] = (), saveat: SaveAt | None = None, max_steps: int = 1_000_000,
+          max_norm: float = 1e8, progress: bool = False, desc: str = "integrating") -> Solution:
+    """Integrate ``B`` runs ``y0`` (B, P) from t = 0 to ``t1`` (scalar or (B,)).
+
+    Raises :class:`DivergenceError` when a run produces non-finite values, leaves the ball of
+    radius ``max_norm``, or needs ever smaller steps; the message names the knob to change.
+    """
+    solver = solver or Dopri5()
+    controller = controller or PIController()
+    if y0.ndim != 2:
+        raise ParameterError("y0.shape", tuple(y0.shape), "must be (runs, parameters)")
+    B = y0.shape[0]
+    dtype, device = y0.dtype, y0.device
+    t1 = torch.as_tensor(t1, dtype=dtype, device=device).expand(B).clone()
+    if not torch.all(t1 > 0):
+        raise ParameterError("t_max", t1.min().item(), "must be > 0")
+    wall = time.perf_counter()
+    s0, c0, r0 = term.seconds, term.calls, term.run_evals
+
+    t = torch.zeros(B, dtype=dtype, device=device)
+    y = y0.clone()
+    f = term(t, y)
+    _check_finite(f, torch.arange(B), t, controller)
+    h = torch.minimum(controller.initial(term, t, y, f, solver.order), t1)
+    err_prev = torch.ones(B, dtype=dtype, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    ev_t = torch.full((B, len(events)), math.inf, dtype=dtype, device=device)
+    ev_y = [torch.full_like(y, math.nan) for _ in events]
+    ev_g = [ev.fn(t, y, torch.arange(B, device=device)) for ev in events]
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    n_steps = torch.zeros(B, dtype=torch.long, device=device)
+    n_rej = torch.zeros(B, dtype=torch.long, device=device)
+
+    saver = _Saver(saveat, y, B) if saveat is not None else None
+    if saver is not None:
+        saver.initial(y)
+
+    pbar = bar(total=100, desc=desc, enabled=progress)
+    last_pct = 0
+    for _ in range(max_steps):
+        if not active.any():
+            break
+        idx = active.nonzero().squeeze(1)
+        full = idx.numel() == B
+        ta, ya, fa = (t, y, f) if full else (t[idx], y[idx], f[idx])
+        ha = torch.minimum(h[idx], t1[idx] - ta)
+        y1, f1, err, dense = solver.step(term, ta, ya, fa, ha)
+        errn = controller.error_norm(err, ya, y1)
+        finite = torch.isfinite(y1).all(-1) & torch.isfinite(f1).all(-1) & torch.isfinite(errn)
+        if not controller.adaptive:
+            _check_finite(torch.where(finite[:, None], y1, torch.nan), idx, ta, controller)
+        accept = finite & (errn <= 1.0)
+        n_steps[idx] += 1
+        n_rej[idx] += (~accept).long()
+        t_new = ta + ha
+        if controller.adaptive:
+            tiny = (~accept) & (ha <= 1e-13 * torch.clamp(ta.abs(), min=1e-3))
+            if tiny.any():
+                b = idx[tiny][0].item()
+                raise DivergenceError(
+                    f"run {b}: the step size collapsed to {ha[tiny][0].item():.3g} at t = "
+                    f"{ta[tiny][0].item():.6g}; the flow is blowing up or too stiff for an explicit "
+                    f"method. Lower the initial scale or learning-problem size, or raise rtol/atol "
+                    f"(now rtol={controller.rtol:g}, atol={controller.atol:g}).")
+        big = accept & (y1.abs().amax(-1) > max_norm)
+        if big.any():
+            b = idx[big][0].item()
+            raise DivergenceError(
+                f"run {b}: parameters exceeded max_norm = {max_norm:g} at t = {t_new[big][0].item():.6g}: "
+                + ("reduce step_size (gradient descent is unstable above 2 / curvature)." if not controller.adaptive
+                   else "the loss is exploding; lower rtol/atol or check the teacher and initial scales."))
+
+        # events on accepted steps
+        t_end = t_new.clone()
+        y_end = y1.clone()
+        stop_here = torch.zeros_like(accept)
+        for k, ev in enumerate(events):
+            g0 = ev_g[k][idx]
+            g1 = ev.fn(t_new, y1, idx)
+            crossed = accept & _crossed(g0, g1, ev.direction) & torch.isinf(ev_t[idx, k])
+            if crossed.any():
+                rows = crossed.nonzero().squeeze(1)
+                s = _locate(ev.fn, dense, rows, idx[rows], ta[rows], ha[rows], g0[rows], g1[rows])
+                te = ta[rows] + s * ha[rows]
+                ev_t[idx[rows], k] = te
+                ye = dense(s, rows)
+                ev_y[k][idx[rows]] = ye
+                if ev.terminal:
+                    earlier = te < t_end[rows]
+                    t_end[rows] = torch.where(earlier, te, t_end[rows])
+                    y_end[rows] = torch.where(earlier[:, None], ye, y_end[rows])
+                    stop_here[rows] = True
+            ev_g[k][idx] = torch.where(accept, g1, g0)
+
+        if saver is not None:
+            saver.save(dense, idx, ta, ha, t_end, accept)
+
+        # commit accepted steps
+        acc_idx = idx[accept]
+        t[acc_idx] = t_end[accept]
+        y[acc_idx] = y_end[accept]
+        f[acc_idx] = f1[accept]
+        stopped[idx[stop_here]] = True
+        h_prop = controller.propose(ha, errn, err_prev[idx], solver.order)
+        h[idx] = h_prop
+        err_prev[idx] = torch.where(accept, errn.clamp_min(1e-4), err_prev[idx])
+        active = (~stopped) & (t < t1 * (1 - 1e-14))
+
+        if progress:
+            pct = int(100 * torch.log1p(t).sum() / torch.log1p(t1).sum())
+            if pct > last_pct:
+                pbar.update(pct - last_pct)
+                last_pct = pct
+    else:
+        raise DivergenceError(f"max_steps = {max_steps} reached before t_max; raise max_steps or rtol")
+    pbar.close()
+
+    return Solution(
+        t_final=t, y_final=y, event_times=ev_t, event_states=ev_y, stopped_by_event=stopped,
+        ts=None if saver is None else saver.ts,
+        ys=None if saver is None else saver.values,
+        saved=None if saver is None else saver.mask,
+        n_steps=n_steps, n_rejected=n_rej,
+        calls=term.calls - c0, run_evals=term.run_evals - r0,
+        seconds=time.perf_counter() - wall, seconds_in_term=term.seconds - s0)
+
+
+def _crossed(g0, g1, direction):
+    down = (g0 > 0) & (g1 <= 0)
+    up = (g0 < 0) & (g1 >= 0)
+    return down if direction < 0 else up if direction > 0 else (down | up)
+
+
+def _locate(fn, dense, rows, runs, t0, h, g0, g1, iters: int = 100):
+    """Illinois (regula falsi) on the step fraction s in [0, 1] for each crossing run."""
+    lo = torch.zeros_like(t0)
+    hi = torch.ones_like(t0)
+    glo, ghi = g0.clone(), g1.clone()
+    side = torch.zeros_like(t0)
+    for _ in range(iters):
+        s = (lo * ghi - hi * glo) / (ghi - glo)
+        s = torch.where(torch.isfinite(s) & (s > lo) & (s < hi), s, 0.5 * (lo + hi))
+        gs = fn(t0 + s * h, dense(s, rows), runs)
+        left = torch.sign(gs) == torch.sign(glo)
+        lo, glo = torch.where(left, s, lo), torch.where(left, gs, glo)
+        hi, ghi = torch.where(left, hi, s), torch.where(left, ghi, gs)
+        # Illinois: halve the stale end's value so the bracket shrinks from both sides
+        ghi = torch.where(left & (side == 1), ghi / 2, ghi)
+        glo = torch.where((~left) & (side == -1), glo / 2, glo)
+        side = torch.where(left, torch.ones_like(side), -torch.ones_like(side))
+        if torch.all((hi - lo) * h <= 4 * torch.finfo(h.dtype).eps * (t0 + h)):
+            break
+    return hi  # the first point at which the event condition holds
+
+
+def _check_finite(values, runs, t, controller):
+    bad = ~torch.isfinite(values).all(-1)
+    if bad.any():
+        b = runs[bad][0].item()
+        knob = (f"reduce step_size (now {controller.dt:g})" if isinstance(controller, ConstantStep)
+                else "check the initial scales and the loss")
+        raise DivergenceError(f"run {b}: non-finite values (NaN/inf) at t = {t[bad][0].item():.6g}; {knob}.")
+
+
+class _Saver:
+    def __init__(self, saveat: SaveAt, y, B):
+        self.ts = torch.as_tensor(saveat.ts, dtype=y.dtype, device=y.device)
+        if self.ts.ndim != 1 or (self.ts.numel() > 1 and torch.any(self.ts[1:] < self.ts[:-1])):
+            raise ParameterError("saveat.ts", "...", "must be a 1-d increasing grid of times")
+        self.fn = saveat.fn or (lambda v: v)
+        k = self.fn(y[:1]).shape[-1]
+        self.values = torch.full((B, self.ts.numel(), k), math.nan, dtype=y.dtype, device=y.device)
+        self.mask = torch.zeros(B, self.ts.numel(), dtype=torch.bool, device=y.device)
+
+    def initial(self, y):
+        at0 = (self.ts <= 0).nonzero().squeeze(1)
+        if at0.numel():
+            v = self.fn(y)
+            self.values[:, at0] = v[:, None, :]
+            self.mask[:, at0] = True
+
+    def save(self, dense, idx, t0, h, t_end, accept):
+        lo = torch.searchsorted(self.ts, t0, right=True)
+        hi = torch.searchsorted(self.ts, t_end, right=True)
+        count = torch.where(accept, hi - lo, torch.zeros_like(hi))
+        n = int(count.max()) if count.numel() else 0
+        for j in range(n):
+            rows = (count > j).nonzero().squeeze(1)
+            col = lo[rows] + j
+            s = ((self.ts[col] - t0[rows]) / h[rows]).clamp(0, 1)
+            self.values[idx[rows], col] = self.fn(dense(s, rows))
+            self.mask[idx[rows], col] = True

@@ -1,0 +1,572 @@
+"""Execute chapters with papermill, cache their runs, and build the HTML book.
+
+One output folder ``out`` holds everything a run produces (the repo root for the ``full``
+profile, ``_build/quick`` for ``quick``, so quick runs never touch the book's results)::
+
+    out/executed/NN_name.ipynb          the executed notebook
+    out/executed/.cache/NN_name.json    cache key of the last successful run
+    out/results/NN_name.json            written by ChapterRun.finish()
+    out/figures/NN_name/*.png|svg       written by ChapterRun.figure()
+
+The kernel runs with ``out`` as its working directory and gets ``results_dir="results"`` and
+``figures_dir="figures"``, so the injected cell and the results JSON hold no machine paths.
+
+The book is built from a generated staging folder ``<path_output>/_build/src`` (the executed
+notebooks as ``chapters/NN_name.ipynb`` next to copies of the book's pages) into
+``<path_output>/_build/html``; jupyter-book never sees the ``.md`` chapter sources, so each
+chapter runs exactly once per build, through our cache.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tokenize
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .book import describe_expected, fmt_value, markdown_table
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROFILES = ("quick", "full")
+CACHE_FORMAT = 1
+RESERVED = ("results_dir", "figures_dir")  # decided by --out, not by -p
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+JUPYTER_BOOK = "from jupyter_book.cli.main import main; main()"
+MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.M)
+EXCLUDED_MODULES = {"__main__"}
+BOOK_MACHINERY = {"book", "params", "provenance", "pipeline", "cli"}
+
+
+class PipelineError(Exception):
+    """A usage problem (unknown chapter, unknown parameter) reported as one line."""
+
+
+# --------------------------------------------------------------------------- project layout
+
+@dataclass(frozen=True)
+class Project:
+    """Where the book's sources live. Tests point it at temporary copies."""
+
+    root: Path
+    chapters_dir: Path
+    package_dir: Path
+
+    @classmethod
+    def at(cls, root: str | Path | None = None, chapters_dir: str | Path | None = None,
+           package_dir: str | Path | None = None) -> "Project":
+        root = Path(root).resolve() if root else find_root()
+        return cls(root, Path(chapters_dir or root / "chapters").resolve(),
+                   Path(package_dir or root / "lib" / "saddle_escape").resolve())
+
+    def out_dir(self, profile: str) -> Path:
+        """Default output folder of a profile: the repo root for full, _build/quick for quick."""
+        return self.root if profile == "full" else self.root / "_build" / "quick"
+
+    def chapter_source(self, doc: str) -> Path:
+        """Source file of a toc entry like ``chapters/05_critical_depth``."""
+        return self.chapters_dir / f"{Path(doc).name}.md"
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The book's root: the nearest folder holding ``_toc.yml``, from the working directory up,
+    else the checkout this package was installed from."""
+    for folder in [start or Path.cwd(), *(start or Path.cwd()).resolve().parents]:
+        if (folder / "_toc.yml").is_file():
+            return folder.resolve()
+    if (PACKAGE_DIR.parents[1] / "_toc.yml").is_file():
+        return PACKAGE_DIR.parents[1]
+    raise PipelineError("cannot find the book (no _toc.yml here or above); run from the repository")
+
+
+def find_chapter(spec: str, chapters_dir: Path) -> Path:
+    """A chapter's ``.md`` source from ``"05"``, ``"05_critical_depth"`` or a path."""
+    if spec.endswith(".md") and Path(spec).is_file():
+        return Path(spec).resolve()
+    name = Path(spec).name.removesuffix(".md")
+    if name.isdigit():
+        matches = sorted(chapters_dir.glob(f"{int(name):02d}_*.md"))
+    else:
+        matches = [p for p in [chapters_dir / f"{name}.md"] if p.is_file()]
+    if len(matches) == 1:
+        return matches[0].resolve()
+    known = ", ".join(p.stem for p in sorted(chapters_dir.glob("*.md"))) or "none"
+    raise PipelineError(f"no chapter {spec!r} in {chapters_dir} (chapters: {known})")
+
+
+def toc_chapter_docs(toc_path: Path) -> list[str]:
+    """The ``chapters/...`` entries of ``_toc.yml``, in book order."""
+    import yaml
+
+    docs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            doc = node.get("file")
+            if isinstance(doc, str) and doc.startswith("chapters/"):
+                docs.append(doc.removesuffix(".md").removesuffix(".ipynb"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(yaml.safe_load(toc_path.read_text(encoding="utf-8")))
+    return docs
+
+
+# --------------------------------------------------------------------------- notebooks and parameters
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value: a Python literal (``1e-5``, ``[3, 4]``, ``True``), else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def read_notebook(source: Path):
+    """The MyST-markdown chapter as an in-memory nbformat notebook (papermill cannot read .md)."""
+    import jupytext
+
+    nb = jupytext.reads(Path(source).read_text(encoding="utf-8"), fmt="md:myst")
+    nb.metadata.setdefault("kernelspec", dict(KERNELSPEC))
+    return nb
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One knob of a chapter's `parameters` cell."""
+
+    name: str
+    default: str
+    comment: str
+
+
+def parameter_specs(nb) -> list[ParameterSpec]:
+    """Name, default (as written) and trailing comment of every assignment in the `parameters`
+    cell; raises :class:`PipelineError` if the notebook has no such cell."""
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise PipelineError("the chapter has no code cell tagged `parameters`")
+    source = cells[0].source
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    specs = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for target in targets:
+            if isinstance(target, ast.Name) and getattr(node, "value", None) is not None:
+                specs.append(ParameterSpec(target.id, ast.get_source_segment(source, node.value),
+                                           comments.get(node.end_lineno, "")))
+    return specs
+
+
+def sha256_tree(folder: Path, pattern: str = "**/*.py") -> str:
+    """Hash of the relative paths and contents of the files under `folder` matching `pattern`."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).glob(pattern) if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def cache_key(source: Path, package_dir: Path, parameters: dict) -> str:
+    """What a cached run depends on: the chapter source, the package source, the parameters."""
+    record = {
+        "format": CACHE_FORMAT,
+        "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
+        "package": sha256_tree(package_dir),
+        "parameters": parameters,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- running one chapter
+
+@dataclass
+class ChapterResult:
+    """Outcome of :func:`run_chapter`. `status` is ``"ran"``, ``"cached"`` or ``"failed"``."""
+
+    chapter: str
+    status: str
+    out_dir: Path
+    message: str = ""
+    wall_time_s: float | None = None
+    claims: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    @property
+    def notebook(self) -> Path:
+        return self.out_dir / "executed" / f"{self.chapter}.ipynb"
+
+    @property
+    def results_json(self) -> Path:
+        return self.out_dir / "results" / f"{self.chapter}.json"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.out_dir / "figures" / self.chapter
+
+    def report(self) -> str:
+        """What the command line prints: a status line, then where things went."""
+        if not self.ok:
+            lines = [self.message]
+            if self.notebook.exists():
+                lines.append(f"  executed notebook  {_shown(self.notebook)}")
+            return "\n".join(lines)
+        passed = sum(c["passed"] for c in self.claims)
+        how = (f"ran in {self.wall_time_s:.1f} s" if self.status == "ran"
+               else "cached (source, package and parameters unchanged; --force re-runs it)")
+        n_figs = len(list(self.figures_dir.glob("*"))) if self.figures_dir.exists() else 0
+        return "\n".join([
+            f"chapter {self.chapter}: {how}; claims {passed}/{len(self.claims)} passed",
+            f"  executed notebook  {_shown(self.notebook)}",
+            f"  figures            {_shown(self.figures_dir)}/ ({n_figs} files)",
+            f"  results            {_shown(self.results_json)}",
+        ])
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _cache_file(out_dir: Path, chapter: str) -> Path:
+    return out_dir / "executed" / ".cache" / f"{chapter}.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _kernel_manager_class():
+    from jupyter_client import AsyncKernelManager
+    from jupyter_client.kernelspec import KernelSpec
+
+    class ThisInterpreterKernel(AsyncKernelManager):
+        """An IPython kernel on the interpreter running the pipeline: a user-level `python3`
+        kernelspec could otherwise point at another Python without our package. On POSIX it
+        talks over Unix sockets, which nothing else on the machine can listen to."""
+
+        def __init__(self, **kwargs):
+            if os.name == "posix":
+                kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+        async def _async_interrupt_kernel(self):
+            # jupyter_client interrupts before every shutdown; papermill only shuts down an idle
+            # kernel, and the interrupt would make it log a spurious KeyboardInterrupt error.
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
+        @property
+        def kernel_spec(self):
+            return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f",
+                                    "{connection_file}"], **KERNELSPEC)
+
+    return ThisInterpreterKernel
+
+
+def run_chapter(source: str | Path, out_dir: str | Path, parameters: dict | None = None, *,
+                profile: str = "full", package_dir: str | Path = PACKAGE_DIR, force: bool = False,
+                stderr: TextIO | None = None) -> ChapterResult:
+    """Execute one chapter with papermill unless an identical run is cached.
+
+    `parameters` override the chapter's `parameters` cell (unknown names are refused);
+    `profile`, ``results_dir`` and ``figures_dir`` are always injected. The kernel's stderr
+    (progress bars) is copied to `stderr` when given. A cell error or a failed claim gives a
+    ``"failed"`` result whose `message` is one line; the old results JSON and figures of the
+    chapter are removed before executing, and only a successful run is cached.
+    """
+    import papermill
+
+    source, out_dir = Path(source).resolve(), Path(out_dir).resolve()
+    chapter = source.stem
+    nb = read_notebook(source)
+    try:
+        known = [spec.name for spec in parameter_specs(nb)]
+    except PipelineError as err:
+        raise PipelineError(f"chapter {chapter}: {err}") from None
+    parameters = dict(parameters or {})
+    for name in parameters:
+        if name in RESERVED:
+            raise PipelineError(f"{name} is set by --out, not by -p")
+        if name not in known:
+            raise PipelineError(f"chapter {chapter} has no parameter {name!r} "
+                                f"(its parameters: {', '.join(known)})")
+    parameters.update(profile=profile, results_dir="results", figures_dir="figures")
+    key = cache_key(source, Path(package_dir), parameters)
+    result = ChapterResult(chapter, "ran", out_dir)
+
+    cached = _read_json(_cache_file(out_dir, chapter))
+    results = _read_json(result.results_json)
+    if (not force and cached and cached.get("key") == key and result.notebook.exists()
+            and results and all(c["passed"] for c in results["claims"])):
+        result.status, result.claims = "cached", results["claims"]
+        result.wall_time_s = results.get("wall_time_s")
+        return result
+
+    _cache_file(out_dir, chapter).unlink(missing_ok=True)
+    result.results_json.unlink(missing_ok=True)
+    shutil.rmtree(result.figures_dir, ignore_errors=True)
+    for sub in ("executed", "results", "figures"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            nb, str(result.notebook), parameters=parameters, kernel_name=KERNELSPEC["name"],
+            language="python", cwd=str(out_dir), progress_bar=False, log_output=False,
+            stderr_file=stderr, kernel_manager_class=_kernel_manager_class())
+        error = None
+    except Exception as err:  # a cell raised (PapermillExecutionError), or the kernel died
+        error = err
+    result.wall_time_s = time.perf_counter() - t0
+
+    results = _read_json(result.results_json)
+    result.claims = results["claims"] if results else []
+    failed = [c for c in result.claims if not c["passed"]]
+    if failed:
+        result.status, result.message = "failed", _claims_message(chapter, failed)
+    elif error is not None:
+        result.status, result.message = "failed", _error_message(chapter, error)
+    elif results is None:
+        result.status = "failed"
+        result.message = (f"chapter {chapter} failed: it finished without writing "
+                          f"results/{chapter}.json (does its last cell call run.finish()?)")
+    else:
+        _cache_file(out_dir, chapter).parent.mkdir(parents=True, exist_ok=True)
+        _cache_file(out_dir, chapter).write_text(json.dumps({"key": key, "parameters": parameters},
+                                                            indent=2), encoding="utf-8")
+    return result
+
+
+def _claims_message(chapter: str, failed: list[dict]) -> str:
+    parts = [f"{c['key']} failed (measured {fmt_value(c['measured'])}, expected "
+             f"{describe_expected(c)})" for c in failed]
+    return f"chapter {chapter}: claim " + "; claim ".join(parts)
+
+
+def _error_message(chapter: str, error: Exception) -> str:
+    ename = getattr(error, "ename", type(error).__name__)
+    evalue = str(getattr(error, "evalue", error)).strip().splitlines() or [""]
+    line = f"chapter {chapter} failed: {ename}: {evalue[0][:300]}"
+    code = [ln for ln in str(getattr(error, "source", "")).splitlines() if ln.strip()]
+    if ename != "ParameterError" and code:  # a parameter error already names what to fix
+        line += f" (in cell [{getattr(error, 'exec_count', '?')}]: {code[0].strip()[:60]})"
+    return line
+
+
+# --------------------------------------------------------------------------- building the book
+
+def build_book(project: Project, profile: str = "full", *, force: bool = False,
+               strict: bool = True, path_output: Path | None = None,
+               stderr: TextIO | None = None, log: TextIO = sys.stdout) -> int:
+    """Run every chapter of ``_toc.yml`` that has a source, stage, and build the HTML.
+
+    Returns a process exit code: 0 when every chapter passed and jupyter-book succeeded.
+    `strict` adds ``-W --keep-going`` (warnings are errors). The HTML lands in
+    ``<path_output>/_build/html`` (default: the repo root for full, ``_build/quick`` for quick).
+    """
+    out = project.out_dir(profile)
+    path_output = Path(path_output or (project.root if profile == "full" else out)).resolve()
+    chapters = []
+    for doc in toc_chapter_docs(project.root / "_toc.yml"):
+        source = project.chapter_source(doc)
+        if not source.is_file():
+            print(f"note: {doc} is in _toc.yml but {source.name} does not exist yet; left out",
+                  file=log)
+            continue
+        result = run_chapter(source, out, profile=profile, package_dir=project.package_dir,
+                             force=force, stderr=stderr)
+        print(result.report(), file=log)
+        chapters.append(result)
+    failed = [r for r in chapters if not r.ok]
+    if failed:
+        print(f"book: {len(failed)} chapter(s) failed, HTML not built:", file=log)
+        for r in failed:
+            print(f"  {r.message}", file=log)
+        return 1
+
+    src = stage_book(project, [r.chapter for r in chapters], out, path_output / "_build" / "src")
+    cmd = [sys.executable, "-c", JUPYTER_BOOK, "build", str(src), "--path-output",
+           str(path_output), "--all"] + (["-W", "--keep-going"] if strict else [])
+    shutil.rmtree(path_output / "_build" / "html", ignore_errors=True)  # no stale pages
+    built = subprocess.run(cmd, cwd=project.root).returncode
+    index = path_output / "_build" / "html" / "index.html"
+    if built != 0 or not index.is_file():
+        print(f"book: jupyter-book build failed (exit {built}); see the warnings above", file=log)
+        return 1
+    print(f"book: {len(chapters)} chapter(s); HTML at {index}", file=log)
+    return 0
+
+
+def stage_book(project: Project, chapters: list[str], out: Path, dest: Path) -> Path:
+    """Fill `dest` with what jupyter-book builds: config, the toc restricted to `chapters`, the
+    book's pages (generated parts filled in), the executed notebooks, figures and static files."""
+    import nbformat
+    import yaml
+
+    root = project.root
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    toc = _restrict_toc(yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8")),
+                        {f"chapters/{c}" for c in chapters})
+    (dest / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False, allow_unicode=True),
+                                   encoding="utf-8")
+    for name in ("_config.yml", "references.bib"):
+        if (root / name).is_file():
+            shutil.copy2(root / name, dest / name)
+    for folder in ("_static", "assets"):
+        if (root / folder).is_dir():
+            shutil.copytree(root / folder, dest / folder)
+    if (out / "figures").is_dir():
+        shutil.copytree(out / "figures", dest / "figures")
+
+    generated = {
+        "claims-ledger": lambda: claims_ledger(chapters, out / "results"),
+        "parameter-tables": lambda: parameter_tables(project, chapters),
+        "api-modules": lambda: api_modules(project.package_dir),
+    }
+    for doc in _toc_files(toc):
+        if doc.startswith("chapters/"):
+            continue
+        page = next((root / f"{doc}{ext}" for ext in ("", ".md", ".ipynb", ".rst")
+                     if (root / f"{doc}{ext}").is_file()), None)
+        if page is None:
+            continue  # jupyter-book reports the missing page
+        target = dest / page.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = page.read_text(encoding="utf-8")
+        if page.suffix == ".md":
+            text = MARKER.sub(lambda m: generated[m.group(1)]() if m.group(1) in generated
+                              else m.group(0), text)
+        target.write_text(text, encoding="utf-8")
+
+    (dest / "chapters").mkdir(exist_ok=True)
+    for chapter in chapters:
+        nb = nbformat.read(out / "executed" / f"{chapter}.ipynb", as_version=4)
+        for cell in nb.cells:
+            tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+            if "injected-parameters" in tags and "hide-cell" not in tags:
+                tags.append("hide-cell")  # collapsed on the page, one click away
+        nbformat.write(nb, dest / "chapters" / f"{chapter}.ipynb")
+    return dest
+
+
+def _toc_files(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["root"]] if "root" in node else []
+        own += [node["file"]] if "file" in node else []
+        return own + [f for v in node.values() if isinstance(v, (dict, list)) for f in _toc_files(v)]
+    if isinstance(node, list):
+        return [f for v in node for f in _toc_files(v)]
+    return []
+
+
+def _restrict_toc(node: Any, keep: set[str]) -> Any:
+    """Drop toc entries of chapters that did not run, and parts left empty."""
+    if isinstance(node, list):
+        items = [_restrict_toc(v, keep) for v in node]
+        return [v for v in items if v is not None]
+    if isinstance(node, dict):
+        doc = node.get("file", "")
+        if doc.startswith("chapters/") and doc.removesuffix(".md") not in keep:
+            return None
+        new = {k: _restrict_toc(v, keep) for k, v in node.items()}
+        for key in ("chapters", "sections"):
+            if key in new and not new[key]:
+                if "file" not in new:
+                    return None  # an empty part
+                del new[key]
+        if "parts" in new and not new["parts"]:
+            del new["parts"]
+        return new
+    return node
+
+
+# --------------------------------------------------------------------------- generated pages
+
+def _doc_link(chapter: str, text: str | None = None) -> str:
+    return f"{{doc}}`{text} <../chapters/{chapter}>`" if text else f"{{doc}}`../chapters/{chapter}`"
+
+
+def claims_ledger(chapters: list[str], results_dir: Path) -> str:
+    """Markdown: every claim of the book's chapters in one table, with its status."""
+    rows = []
+    for chapter in chapters:
+        results = _read_json(results_dir / f"{chapter}.json") or {"claims": []}
+        for c in results["claims"]:
+            kind = c.get("kind", "abs")
+            expected = {"max": "≤ ", "min": "≥ "}.get(kind, "") + fmt_value(c["expected"])
+            tolerance = {"abs": f"± {fmt_value(c['tolerance'])}",
+                         "rel": f"± {fmt_value(100 * (c['tolerance'] or 0))}%",
+                         "equal": "exact"}.get(kind, f"{fmt_value(c['tolerance'])}")
+            rows.append(["✓" if c["passed"] else "✗", _doc_link(chapter, chapter.split("_")[0]),
+                         f"`{c['key']}`", c["statement"], expected, c["measured"], tolerance])
+    if not rows:
+        return "*No chapter has been executed in this build yet, so there are no claims to list.*"
+    passed = sum(r[0] == "✓" for r in rows)
+    head = f"**{passed} of {len(rows)} claims hold** in this build.\n\n"
+    return head + markdown_table(["status", "chapter", "claim", "statement", "expected",
+                                  "measured", "tolerance"], rows)
+
+
+def parameter_tables(project: Project, chapters: list[str]) -> str:
+    """Markdown: for each chapter, its parameters (name, default, meaning) and a sample command."""
+    if not chapters:
+        return "*No chapter is part of this build yet.*"
+    parts = []
+    for chapter in chapters:
+        specs = parameter_specs(read_notebook(project.chapters_dir / f"{chapter}.md"))
+        rows = [[f"`{s.name}`", f"`{s.default}`", s.comment] for s in specs]
+        parts.append(f"### {_doc_link(chapter)}\n\n"
+                     + markdown_table(["parameter", "default", "meaning"], rows)
+                     + f"\n\n```bash\npython -m saddle_escape run {chapter.split('_')[0]}"
+                       f" -p seed 1\n```\n")
+    return "\n".join(parts)
+
+
+def api_modules(package_dir: Path) -> str:
+    """Markdown: an autodoc section for the package and each of its modules."""
+    package = package_dir.name
+    modules = []
+    for path in package_dir.rglob("*.py"):
+        parts = path.relative_to(package_dir).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if parts and "__pycache__" not in parts and parts[-1] not in EXCLUDED_MODULES:
+            modules.append(".".join(parts))
+    modules.sort()
+    core = [m for m in modules if m not in BOOK_MACHINERY]
+    machinery = [m for m in modules if m in BOOK_MACHINERY]
+
+    def section(module: str, level: str = "###") -> str:
+        name = f"{package}.{module}" if module else package
+        return (f"{level} `{name}`\n\n```{{eval-rst}}\n.. automodule:: {name}\n"
+                f"   :members:\n   :show-inheritance:\n```\n")
+
+    text = [section("", "##")]
+    if core:
+        text += ["## Simulation core\n"] + [section(m) for m in core]
+    text += ["## Book machinery\n"] + [section(m) for m in machinery]
+    return "\n".join(text)

@@ -1,0 +1,20 @@
+"""Every chapter of _toc.yml whose source exists executes in the quick profile, all claims passing."""
+
+from pathlib import Path
+
+import pytest
+
+from saddle_escape import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = pipeline.Project.at(ROOT)
+CHAPTERS = [PROJECT.chapter_source(doc) for doc in pipeline.toc_chapter_docs(ROOT / "_toc.yml")]
+
+
+@pytest.mark.parametrize("source", [p for p in CHAPTERS if p.is_file()], ids=lambda p: p.stem)
+def test_chapter_runs_in_quick_profile(source, tmp_path):
+    result = pipeline.run_chapter(source, tmp_path, profile="quick", package_dir=PROJECT.package_dir)
+    assert result.ok, result.message
+    assert result.claims, f"{source.stem} checks no claims"
+    failed = [c["key"] for c in result.claims if not c["passed"]]
+    assert not failed

@@ -35,7 +35,7 @@ class Activation:
     """One activation function with its exact symbolic form.
 
     ``fn`` and ``dfn`` are the torch function and its derivative; ``expr`` is the sympy
-    expression in the symbol :data:`z` used for every exact quantity.
+    expression in the symbol ``z`` used for every exact quantity.
     """
 
     name: str

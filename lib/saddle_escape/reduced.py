@@ -1,6 +1,6 @@
 """The symmetric-manifold reduction: an L-dimensional gradient flow in the layer scales.
 
-On the permutation-symmetric manifold (see :func:`networks.symmetric_weights`) a width-N network
+On the permutation-symmetric manifold (see :func:`~saddle_escape.networks.symmetric_weights`) a width-N network
 with layer scales ``X_l = ||W_l||_F`` computes, for ``g = w*.x``,
 
     y_hat(g) = sqrt(N) X_L sigma(X_{L-1} sigma( ... X_2 sigma(X_1 g / sqrt(N)) ... )),

@@ -40,8 +40,11 @@ def rate_autograd(net: MLP, data: Dataset, loss: str, theta: torch.Tensor) -> to
     return rate
 
 
-def rate_identity(net: MLP, data: Dataset, loss: str, theta: torch.Tensor) -> torch.Tensor:
-    """Right side: ``2 E[<W_{l+1}^T grad_{z_{l+1}} l, phi_sigma(z_l)>]`` (B, L-1)."""
+def rate_identity(net: MLP, data: Dataset, loss: str, theta: torch.Tensor, phi=None) -> torch.Tensor:
+    """Right side: ``2 E[<W_{l+1}^T grad_{z_{l+1}} l, phi_sigma(z_l)>]`` (B, L-1).
+
+    ``phi`` replaces the activation's ``phi_sigma`` evaluation (e.g. a series that stays
+    accurate at tiny ``z``, :func:`saddle_escape.drift.series_phi`)."""
     ell = get_loss(loss)
     with torch.enable_grad():
         th = theta.detach().requires_grad_(True)
@@ -50,7 +53,7 @@ def rate_identity(net: MLP, data: Dataset, loss: str, theta: torch.Tensor) -> to
         # signals, already multiplied by the sample weights, so summing over samples is E[.]
         grads = torch.autograd.grad(expected(ell(yhat, data.y), data).sum(), zs[1:])
     Ws = net.unflatten(theta)
-    phi = net.activation.phi
+    phi = net.activation.phi if phi is None else phi
     terms = [2.0 * ((grads[l] @ Ws[l + 1]) * phi(zs[l].detach())).sum(dim=(-1, -2))
              for l in range(net.depth - 1)]
     return torch.stack(terms, dim=-1)

@@ -1,0 +1,236 @@
+"""Off-manifold escape: full-width He-normal networks with ``r`` layers rescaled by eps.
+
+The chapter's experiment in three calls:
+
+* :func:`bottleneck_layers` -- which layers are the bottleneck (the last ``r``, as in
+  :func:`saddle_escape.reduced.bottleneck_scales`);
+* :func:`pilot_loss_reference` -- the loss the escape reaches, from one pilot run stopped a fixed
+  multiple of its drop time after the drop (full-width nets on Monte-Carlo data keep learning
+  slowly after the escape, so waiting for the loss to *settle* costs far more than it tells);
+* :func:`escape_sweep` -- escape times of a batch ``theta0`` (B, P) in one integration: a run stops
+  when its loss crosses halfway between its own plateau ``L(0)`` and the reference, and saves
+  observables (loss, signal energy, manifold distance) on a shared log-time grid on the way.
+
+Signal energy: ``gamma(W) = ||E[y_hat x]||^2``, the squared end-to-end input-output correlation
+(the write-up's ``f = E[y_hat x^T]``, squared). With ``r`` layers of scale eps it is ``O(eps^(2r))``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .integrate import Event, GradientFlow, PIController, SaveAt, solve
+from .networks import MLP, manifold_distance
+from .params import ParameterError
+
+OBSERVABLES = ("loss", "gamma", "gamma_rate", "distance", "norm")
+
+
+def bottleneck_layers(depth: int, r: int) -> tuple:
+    """The last ``r`` layers (1-based), the bottleneck of the chapter's networks."""
+    if int(r) != r or not 1 <= r <= depth:
+        raise ParameterError("r", r, f"must be an integer in 1..depth = {depth}")
+    return tuple(range(depth - r + 1, depth + 1))
+
+
+def signal_energy(net: MLP, data: Dataset, theta: torch.Tensor) -> torch.Tensor:
+    """``gamma = ||E[y_hat x]||^2`` (B,), summed over outputs."""
+    yhat, _ = net.forward(theta, data.x)                       # (B, n, m)
+    f = torch.einsum("bnm,nd,n->bmd", yhat, data.x, data.w)    # E[y_hat x^T]
+    return (f * f).flatten(1).sum(-1)
+
+
+def bottleneck_distance(net: MLP, theta: torch.Tensor, layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance of the bottleneck layers from the permutation-symmetric manifold (B,), and the
+    bottleneck's Frobenius norm (B,), so ``distance / norm`` is the relative distance."""
+    sub = MLP(tuple(net.widths[l - 1] for l in layers) + (net.widths[layers[-1]],), net.activation)
+    Ws = net.unflatten(theta)
+    part = MLP.flatten([Ws[l - 1] for l in layers])
+    return manifold_distance(sub, part), part.norm(dim=-1)
+
+
+def observables(net: MLP, data: Dataset, layers, loss_fn):
+    """``theta (B, P) -> (B, 5)``: loss, signal energy gamma, its rate under gradient flow
+    ``dgamma/dt = -<grad gamma, grad L>`` (exact, by autograd), bottleneck manifold distance, norm."""
+    def fn(theta):
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            loss = loss_fn(th)
+            gamma = signal_energy(net, data, th)
+            gl, = torch.autograd.grad(loss.sum(), th)
+            gg, = torch.autograd.grad(gamma.sum(), th)
+        dist, norm = bottleneck_distance(net, theta, layers)
+        rate = -(gl * gg).sum(-1)
+        return torch.stack([loss.detach(), gamma.detach(), rate, dist, norm], -1)
+    return fn
+
+
+def pilot_loss_reference(term: GradientFlow, theta0: torch.Tensor, t_max: float, drop: float = 0.5,
+                         extra: float = 1.0, rtol: float = 1e-7, atol: float = 1e-12) -> float:
+    """Loss of one pilot run (1, P) at ``(1 + extra) t_drop``, where ``t_drop`` is when its loss
+    first falls below ``drop * L(0)``."""
+    L0 = term.loss(theta0)
+    ctrl = PIController(rtol=rtol, atol=atol)
+    sol = solve(term, theta0, t_max, controller=ctrl,
+                events=[Event(lambda t, y, runs: term.loss(y) - drop * L0[runs], -1, name="drop")])
+    t_drop = sol.event_times[0, 0].item()
+    if not math.isfinite(t_drop):
+        raise RuntimeError(f"the pilot run did not escape before t_max = {t_max:g}; use a larger pilot eps")
+    sol = solve(term, sol.y_final, extra * t_drop, controller=ctrl)
+    return term.loss(sol.y_final).item()
+
+
+def _last_value_cache(fn):
+    memo = {}
+
+    def cached(y):
+        # hold the tensor itself, so its identity cannot be recycled while it is the key
+        if memo.get("y") is not y or memo.get("version") != y._version:
+            memo["y"], memo["version"], memo["value"] = y, y._version, fn(y)
+        return memo["value"]
+    return cached
+
+
+@dataclass
+class Sweep:
+    """Escape times (B,) (``inf`` = censored) and observables (B, T, 4) on the grid ``ts``."""
+
+    times: np.ndarray
+    ts: np.ndarray
+    obs: np.ndarray
+    solution: object
+    level_obs: np.ndarray | None = None   # (B, K, 5): observables where gamma crossed each level
+    escape_obs: np.ndarray | None = None  # (B, 5): observables at the escape (NaN if censored)
+
+    @property
+    def censored(self) -> np.ndarray:
+        return ~np.isfinite(self.times)
+
+
+def escape_sweep(term: GradientFlow, theta0: torch.Tensor, loss_ref: float, t_max: float, obs_fn=None,
+                 n_save: int = 120, t_min_save: float = 1e-2, rtol: float = 1e-7,
+                 atol: float = 1e-12, gamma_fn=None, gamma_factors=()) -> Sweep:
+    """All runs of ``theta0`` (B, P) in one integration; each stops at its escape: the loss crossing
+    ``(L(0) + loss_ref) / 2``. ``obs_fn`` (e.g. :func:`observables`) is saved at t = 0 and on a
+    log grid from ``t_min_save`` to ``t_max``. With ``gamma_fn`` (theta -> (B,)) the state is also
+    caught, by events, where gamma first reaches ``gamma(0) * factor`` for each of ``gamma_factors``
+    -- the escape of a deep bottleneck is too abrupt in time for any fixed time grid to resolve --
+    and ``obs_fn`` evaluated there is returned as ``level_obs``."""
+    half = 0.5 * (term.loss(theta0) + loss_ref)
+    events = []
+    if gamma_fn is not None:
+        gamma_fn = _last_value_cache(gamma_fn)   # every level's event asks for gamma of the same state
+        g0 = gamma_fn(theta0)
+        for c in gamma_factors:
+            events.append(Event(lambda t, y, runs, c=c: math.log(c) + torch.log(g0[runs]) - torch.log(gamma_fn(y)),
+                                -1, terminal=False, name=f"gamma x{c:g}"))
+    ev = Event(lambda t, y, runs: term.loss(y) - half[runs], -1, terminal=True, name="loss")
+    events.append(ev)
+    saveat = None
+    if obs_fn is not None:
+        ts = torch.cat([torch.zeros(1, dtype=theta0.dtype),
+                        torch.logspace(math.log10(t_min_save), math.log10(t_max), n_save, dtype=theta0.dtype)])
+        saveat = SaveAt(ts, fn=obs_fn)
+    sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol), events=events, saveat=saveat)
+    times = sol.event_times[:, -1].cpu().numpy()
+    level_obs = None
+    if gamma_fn is not None and obs_fn is not None and len(gamma_factors):
+        level_obs = np.full((theta0.shape[0], len(gamma_factors), 5), np.nan)
+        for k in range(len(gamma_factors)):
+            hit = torch.isfinite(sol.event_times[:, k])
+            if hit.any():
+                level_obs[hit.cpu().numpy(), k] = obs_fn(sol.event_states[k][hit]).cpu().numpy()
+    escape_obs = None
+    if obs_fn is not None:
+        escape_obs = np.full((theta0.shape[0], 5), np.nan)
+        hit = torch.isfinite(sol.event_times[:, -1])
+        if hit.any():
+            escape_obs[hit.cpu().numpy()] = obs_fn(sol.event_states[-1][hit]).cpu().numpy()
+    if saveat is None:
+        return Sweep(times, np.zeros(0), np.zeros((len(times), 0, 0)), sol, level_obs, escape_obs)
+    return Sweep(times, sol.ts.cpu().numpy(), sol.ys.cpu().numpy(), sol, level_obs, escape_obs)
+
+
+def log_derivative_exponent(gamma, rate, lo, hi):
+    """Slope of ``log(dgamma/dt)`` against ``log gamma`` over the saved points of one run with
+    gamma in ``[lo, hi]`` and a positive rate; ``nan`` with fewer than 3 such points."""
+    gamma, rate = np.asarray(gamma, float), np.asarray(rate, float)
+    keep = np.isfinite(gamma) & np.isfinite(rate) & (gamma >= lo) & (gamma <= hi) & (rate > 0)
+    if keep.sum() < 3:
+        return math.nan
+    return float(np.polyfit(np.log(gamma[keep]), np.log(rate[keep]), 1)[0])
+
+
+def digits_covariance(input_dim: int) -> torch.Tensor:
+    """Input covariance from scikit-learn's bundled digits (no download): the 8x8 pixel features,
+    standardised (constant pixels dropped), projected on their top ``input_dim`` principal
+    components -- a diagonal matrix of the top eigenvalues, scaled to mean 1 (trace = input_dim)."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data
+    X = X[:, X.std(0) > 0]
+    if not 1 <= input_dim <= X.shape[1]:
+        raise ParameterError("input_dim", input_dim, f"must be in 1..{X.shape[1]} for the digits covariance")
+    X = (X - X.mean(0)) / X.std(0)
+    lam = np.linalg.eigvalsh(np.cov(X, rowvar=False))[::-1][:input_dim]
+    return torch.diag(torch.as_tensor(lam / lam.mean(), dtype=torch.float64))
+
+
+@dataclass
+class Experiment:
+    """One bottleneck depth ``r``: every (seed, eps) run of it, integrated as one batch."""
+
+    r: int
+    layers: tuple
+    seeds: np.ndarray       # (B,)
+    eps: np.ndarray         # (B,)
+    loss_ref: float
+    sweep: Sweep
+
+    @property
+    def times(self) -> np.ndarray:
+        return self.sweep.times
+
+    @property
+    def gamma0(self) -> np.ndarray:
+        return self.sweep.obs[:, 0, 1]
+
+    def rows(self, **extra) -> list[dict]:
+        out = []
+        for b in range(len(self.eps)):
+            t = self.times[b]
+            out.append(dict(extra, r=self.r, seed=int(self.seeds[b]), eps=float(self.eps[b]),
+                            t_esc=float(t) if np.isfinite(t) else None, censored=bool(not np.isfinite(t)),
+                            gamma0=float(self.gamma0[b])))
+        return out
+
+
+def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps: float = 0.3,
+                   t_max: float = 1e12, rtol: float = 1e-6, gamma_factors=tuple(10.0 ** np.arange(1, 19)),
+                   n_save: int = 120) -> Experiment:
+    """He-normal nets (one per seed), the last ``r`` layers scaled by each eps; a pilot at
+    ``pilot_eps`` (first seed) sets the reference loss; all (seed, eps) runs go in one batch."""
+    from .networks import he_normal, population_loss
+
+    layers = bottleneck_layers(net.depth, r)
+    loss_fn = population_loss(net, data)
+    term = GradientFlow(loss_fn)
+    loss_ref = pilot_loss_reference(term, he_normal(net, [seeds[0]], eps=pilot_eps, bottleneck=layers),
+                                    t_max, rtol=rtol)
+    S = np.array([s for s in seeds for _ in eps_values])
+    E = np.array([e for _ in seeds for e in eps_values], dtype=float)
+    theta0 = he_normal(net, S.tolist(), eps=torch.as_tensor(E), bottleneck=layers)
+    sweep = escape_sweep(term, theta0, loss_ref, t_max, observables(net, data, layers, loss_fn), n_save=n_save,
+                         rtol=rtol, gamma_fn=lambda y: signal_energy(net, data, y), gamma_factors=gamma_factors)
+    return Experiment(r, layers, S, E, loss_ref, sweep)
+
+
+def inequality_exponents(exp: Experiment, lo_factor: float = 1e3, hi: float = 1e-3) -> np.ndarray:
+    """Per run, the slope of log(dgamma/dt) vs log gamma over gamma in [lo_factor gamma(0), hi]."""
+    lo = exp.sweep.level_obs
+    return np.array([log_derivative_exponent(lo[b, :, 1], lo[b, :, 2], lo_factor * exp.gamma0[b], hi)
+                     for b in range(lo.shape[0])])

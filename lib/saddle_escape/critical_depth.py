@@ -1,0 +1,311 @@
+"""The critical-depth law on the scalar chain: bottleneck sweeps, the leading-order rate, windows.
+
+Setup (chapter 05): the reduced chain of :mod:`saddle_escape.reduced`, the *first* ``r`` layers at
+scale ``eps`` (input side, so every pre-activation is small near the saddle) and the other
+``L - r`` at ``big``. Near the saddle each bottleneck scale obeys ``dy/dt = a y^(r-1)`` with
+
+    a = E[y* g] * beta1^(L-1) * big^(L-r)          (smooth sigma with sigma(0) = 0),
+
+computed here for any activation of classes A-C from the chain itself (:func:`leading_rate`).
+Escape times at very small ``eps`` (t ~ 1e15 for r = 5) exceed what a float64 clock can resolve
+during the O(1)-long escape itself, so :func:`sweep` integrates in two legs: the saddle phase up
+to a hand-off scale, then -- with the clock restarted -- the escape; the two times are added.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import activations, escape, fits
+from .data import ScalarTeacher
+from .integrate import Event, GradientFlow, PIController, solve
+from .params import ParameterError
+from .reduced import ScalarChain, bottleneck_scales
+
+COVERED_CLASSES = ("A", "B", "C")
+
+
+def check_activation(name):
+    """The activation, or a :class:`ParameterError` for class D (sigma(0) != 0 has no saddle at 0)."""
+    act = activations.get(name)
+    if act.cls not in COVERED_CLASSES:
+        allowed = ", ".join(n for n in activations.NAMES if activations.get(n).cls in COVERED_CLASSES)
+        raise ParameterError("activation", name, f"it is class {act.cls} (sigma(0) = {act.sigma0:.3g} != 0) and the "
+                             f"critical-depth law assumes sigma(0) = 0; allowed: classes A-C ({allowed})")
+    return act
+
+
+def configurations(r_values, depth_offsets) -> list[tuple[int, int]]:
+    """The (r, L = r + offset) pairs, keeping L >= 2 (a depth-1 chain has no activation)."""
+    pairs = [(r, r + o) for r in r_values for o in depth_offsets if r + o >= 2]
+    if not pairs:
+        raise ParameterError("depth_offsets", list(depth_offsets), "must give at least one depth L = r + offset >= 2")
+    return pairs
+
+
+@contextmanager
+def single_thread():
+    """Tiny batched problems run fastest on one thread (and much faster on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class ChainFlow(GradientFlow):
+    """The chain's gradient flow with a hand-written backward pass (MSE only): same vector field
+    as ``chain.term()`` to round-off, a few times cheaper than autograd on these tiny tensors."""
+
+    def __init__(self, chain: ScalarChain):
+        if chain.loss_name != "mse":
+            raise ParameterError("loss", chain.loss_name, "ChainFlow is written for 'mse'")
+        self.chain = chain
+        super().__init__(chain.loss)
+        self.f = self._analytic
+
+    def _analytic(self, t, X):
+        c = self.chain
+        sigma, dsigma = c.activation.fn, c.activation.dfn
+        rootN = math.sqrt(c.width)
+        us, zs = [c.g[None, :] / rootN], []
+        for l in range(c.depth - 1):
+            zs.append(X[:, l:l + 1] * us[-1])
+            us.append(sigma(zs[-1]))
+        yhat = rootN * X[:, -1:] * us[-1]
+        delta = (yhat - c.y[None, :]) * c.w[None, :]
+        grad = torch.empty_like(X)
+        grad[:, -1] = rootN * (delta * us[-1]).sum(-1)
+        G = delta * (rootN * X[:, -1:])
+        for l in range(c.depth - 2, -1, -1):
+            gz = G * dsigma(zs[l])
+            grad[:, l] = (gz * us[l]).sum(-1)
+            G = gz * X[:, l:l + 1]
+        return -grad
+
+
+def bottleneck_norm(r: int):
+    """``||(X_1, ..., X_r)||``: the norm of the bottleneck block (the input-side layers)."""
+    return lambda X: X[:, :r].norm(dim=-1)
+
+
+def initial_scales(depth, r, eps, big=1.0):
+    return bottleneck_scales(depth, r, eps, big=big, layers=range(1, r + 1))
+
+
+def leading_rate(chain: ScalarChain, r: int, big: float = 1.0, delta: float = 1e-4) -> float:
+    """``a`` in ``dy/dt = a y^(r-1)``: ``-dL/dX_1 / delta^(r-1)`` at the balanced point of scale
+    ``delta``, Richardson-extrapolated to ``delta -> 0`` (removes the O(delta) and O(delta^2) terms)."""
+    def rate(d):
+        X = initial_scales(chain.depth, r, [d], big).requires_grad_(True)
+        (g,) = torch.autograd.grad(chain.loss(X).sum(), X)
+        return -g[0, 0].item() / d ** (r - 1)
+    return (8 * rate(delta / 4) - 6 * rate(delta / 2) + rate(delta)) / 3
+
+
+def closed_form_rate(activation, teacher: ScalarTeacher, depth: int, r: int, big: float = 1.0) -> float | None:
+    """``E[y* g] beta1^(L-1) big^(L-r)`` for smooth sigma (None where sigma has a kink at 0)."""
+    act = activations.get(activation)
+    if not act.smooth:
+        return None
+    return teacher.linear * act.beta1 ** (depth - 1) * big ** (depth - r)
+
+
+def integral_T(eps, r: int):
+    """``T_r(eps) = int_eps^1 y^(1-r) dy``: the bottleneck-ODE time with a = 1."""
+    eps = np.asarray(eps, float)
+    if r == 2:
+        return np.log(1 / eps)
+    return (eps ** (2 - r) - 1) / (r - 2)
+
+
+def log_correction(activation, teacher: ScalarTeacher, depth: int, r: int, big: float = 1.0) -> float | None:
+    """Predicted coefficient B of ``log(1/eps)`` in t_esc for r = 4, odd smooth sigma (classes A, B).
+
+    Next order of the bottleneck ODE: ``dy/dt = a y^(r-1) (1 + lam y^2)`` with
+    ``lam = 3 kappa / 2 + (L - r) / (2 big^2)``, ``kappa = (s3 / beta1) E[y* g^3] / E[y* g]``: the
+    first layer's cubic term (and the imbalance it drives) plus the Theta(1) layers growing in
+    balance. Integrating, ``t = eps^-2 / (2a) - (lam / a) log(1/eps) + C`` at r = 4."""
+    act = activations.get(activation)
+    if not act.smooth or act.cls == "C" or r != 4 or teacher.linear == 0:
+        return None
+    b1, s3 = act.beta1, float(act.sigma_coefficients[3])
+    m1, m3 = teacher.linear, 3 * teacher.linear + math.sqrt(6) * teacher.cubic
+    kappa = s3 / b1 * m3 / m1
+    lam = 1.5 * kappa + (depth - r) / (2 * big ** 2)
+    return -lam / closed_form_rate(act, teacher, depth, r, big)
+
+
+@dataclass
+class Sweep:
+    """Escape times of one (r, L) over all eps: ``times`` (B, 2) for the loss and norm definitions,
+    ``inf`` where censored (no escape before ``t_max``)."""
+
+    r: int
+    depth: int
+    eps: np.ndarray
+    times: np.ndarray
+    t_max: np.ndarray
+    rate: float
+    reference: escape.Reference
+    grad_evals: int
+    seconds: float
+
+    @property
+    def censored(self) -> np.ndarray:
+        return ~np.isfinite(self.times).all(1)
+
+
+def sweep(activation, r: int, depth: int, eps, teacher: ScalarTeacher, big: float = 1.0,
+          pilot_eps: float = 0.3, handoff: float = 0.05, t_max_factor: float = 20.0,
+          rtol: float = 1e-9, atol: float = 1e-14, n_nodes: int = 80,
+          reference: escape.Reference | None = None) -> Sweep:
+    """One pilot (post-escape reference at ``pilot_eps``) and one batched escape sweep over ``eps``.
+
+    Leg 1 runs the saddle phase of every run with ``eps < handoff`` until the bottleneck RMS
+    scale reaches ``handoff``; leg 2 restarts the clock there and detects the escape events
+    (thresholds from the original initial loss). Runs get ``t_max = t_max_factor *
+    (T_r(eps)/a + reference time)``."""
+    with single_thread():
+        start = time.perf_counter()
+        chain = ScalarChain(activation, depth, teacher, n_nodes=n_nodes)
+        term = ChainFlow(chain)
+        evals0 = term.run_evals
+        nf = bottleneck_norm(r)
+        a = leading_rate(chain, r, big)
+        if not a > 0:
+            raise ParameterError("activation", chain.activation.name,
+                                 f"gives no escape direction here (leading rate a = {a:.3g} <= 0)")
+        pilot = initial_scales(depth, r, [max(pilot_eps, float(np.max(eps)))], big)
+        t_guess = float(integral_T(pilot_eps, r) / a) + 10.0
+        ref = reference or escape.post_escape_reference(term, pilot, nf, t_max=1e3 * t_guess)
+        eps = np.asarray(eps, float)
+        X0 = initial_scales(depth, r, eps, big)
+        t_max = t_max_factor * (np.maximum(integral_T(eps, r), 0) / a + ref.time)
+        t_max_t = torch.as_tensor(t_max, dtype=X0.dtype)
+        ctrl = PIController(rtol=rtol, atol=atol)
+
+        # leg 1: the saddle phase, up to the hand-off scale
+        t1 = torch.zeros(len(eps), dtype=X0.dtype)
+        X1 = X0.clone()
+        slow = torch.as_tensor(eps < handoff)
+        if slow.any():
+            idx = slow.nonzero().squeeze(1)
+            rms = lambda t, y, runs: handoff - nf(y) / math.sqrt(r)
+            s1 = solve(term, X0[idx], t_max_t[idx], controller=ctrl, events=[Event(rms, -1, terminal=True)])
+            reached = torch.isfinite(s1.event_times[:, 0])
+            t1[idx] = torch.where(reached, s1.event_times[:, 0], s1.t_final)
+            X1[idx] = s1.y_final
+        # leg 2: the escape, clock restarted; thresholds from the original L(0)
+        events = escape.escape_events(term, X0, ref, nf)
+        L0 = term.loss(X0)
+        past = L0 + 0.9 * (ref.loss - L0)
+        target = 0.5 * ref.norm
+        events.append(Event(lambda t, y, runs: torch.maximum(term.loss(y) - past[runs], target - nf(y)),
+                            -1, terminal=True, name="stop"))
+        left = torch.clamp(t_max_t - t1, min=1e-12)
+        s2 = solve(term, X1, left, controller=ctrl, events=events)
+        times = (s2.event_times[:, :2] + t1[:, None]).numpy()
+        return Sweep(r, depth, eps, times, t_max, a, ref, term.run_evals - evals0,
+                     time.perf_counter() - start)
+
+
+def stable_window(x, local, tol: float, relative: bool = False, min_points: int = 3) -> np.ndarray:
+    """Mask of the asymptotic window: starting from the smallest x, keep points while the local
+    slope (``local[i]`` between points i and i+1, x sorted ascending) stays within ``tol``
+    (absolute, or relative) of the local slope at the smallest x; at least ``min_points``."""
+    x = np.asarray(x, float)
+    order = np.argsort(x)
+    loc = np.asarray(local, float)
+    ref = loc[0]
+    n = 1
+    for s in loc:
+        dev = abs(s - ref) / (abs(ref) if relative else 1.0)
+        if not (np.isfinite(s) and dev <= tol):
+            break
+        n += 1
+    n = max(n, min(min_points, len(x)))
+    mask = np.zeros(len(x), bool)
+    mask[order[:n]] = True
+    return mask
+
+
+def sorted_local_slopes(eps, t, log_law: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """eps ascending and the local slopes between neighbours: d log t / d log eps, or for the
+    log law dt / d log(1/eps)."""
+    o = np.argsort(eps)
+    e, tt = np.asarray(eps, float)[o], np.asarray(t, float)[o]
+    if log_law:
+        return e, np.diff(tt) / np.diff(np.log(1 / e))
+    return e, fits.local_slopes(e, tt)
+
+
+# ------------------------------------------------------------------ the chapter's measurements
+
+SLOPE_TOL = 0.005     # power-law window: local slopes within this of the smallest-eps one
+LOGLAW_TOL = 0.005    # log-law window: local dt/dlog(1/eps) within this (relative)
+
+
+def window(s: Sweep, definition: int = 0) -> np.ndarray:
+    """Asymptotic window (mask over ``s.eps``) by the stability rule of the chapter:
+    r >= 3 power-law local slopes, r = 2 log-law local slopes, r = 1 the last two decades."""
+    ok = np.isfinite(s.times[:, definition])
+    eps, t = s.eps[ok], s.times[ok, definition]
+    mask = np.zeros(len(s.eps), bool)
+    if s.r == 1:
+        sub = eps <= 100 * eps.min() * (1 + 1e-9)
+        if sub.sum() < 3:
+            sub = np.ones_like(sub)
+    else:
+        e, loc = sorted_local_slopes(eps, t, log_law=(s.r == 2))
+        sub = stable_window(eps, loc, SLOPE_TOL if s.r >= 3 else LOGLAW_TOL, relative=(s.r == 2))
+    mask[np.flatnonzero(ok)[sub]] = True
+    return mask
+
+
+def measure(s: Sweep, mask: np.ndarray | None = None) -> dict:
+    """The law's numbers for one sweep, per definition (0 = loss, 1 = norm), on the window."""
+    mask = window(s) if mask is None else mask
+    out = {"window": (float(s.eps[mask].min()), float(s.eps[mask].max())), "n_window": int(mask.sum())}
+    for j, d in enumerate(("loss", "norm")):
+        e, t = s.eps[mask], s.times[mask, j]
+        p = fits.power_law(e, t)
+        out[f"exponent_{d}"] = p.slope
+        if s.r == 2:
+            f = fits.log_law(e, t)
+            out[f"logslope_{d}"], out[f"r2_{d}"] = f.slope, f.r2
+        if s.r == 1:
+            lo = np.argmin(e)
+            hi = np.argmin(np.abs(np.log(e) - np.log(min(100 * e.min(), e.max()))))
+            out[f"change_{d}"] = abs(t[lo] - t[hi]) / t[lo]
+    return out
+
+
+def depth_spread(sweeps: list[Sweep], decades: float | None = 2.0) -> tuple[float, tuple]:
+    """max over depths of (max/min - 1) of t(L)/t(L_min) on the common window -- for r = 2 of the
+    local log-law slopes dt/dlog(1/eps) instead (the additive constant depends on L).
+
+    The common window is the intersection of the sweeps' windows, restricted to the smallest
+    ``decades`` decades of eps (None: no restriction): the ratio reaches its limit only as
+    ``(C_L - C_L') a (r-2) eps^(r-2)``, which at r = 3 is still ~1% at eps = 1e-2."""
+    masks = [window(s) for s in sweeps]
+    common = np.logical_and.reduce(masks)
+    if decades is not None:
+        e0 = sweeps[0].eps
+        common &= e0 <= e0[common].min() * 10 ** decades * (1 + 1e-9)
+    if common.sum() < 2:
+        common = np.logical_and.reduce([np.isfinite(s.times[:, 0]) for s in sweeps])
+    eps = sweeps[0].eps[common]
+
+    def curve(s):
+        t = s.times[common, 0]
+        return sorted_local_slopes(eps, t, log_law=True)[1] if s.r == 2 else t
+    base = curve(sweeps[0])
+    spread = max(float(np.ptp(curve(s) / base) / np.min(curve(s) / base)) for s in sweeps[1:])
+    return spread, (float(eps.min()), float(eps.max()))

@@ -1,0 +1,51 @@
+"""The critical-depth helpers: class D refused, derived rate, two-leg sweep, windows."""
+import numpy as np
+import pytest
+
+from saddle_escape import critical_depth as cd, data
+from saddle_escape.params import ParameterError
+from saddle_escape.reduced import ScalarChain
+
+TEACHER = data.ScalarTeacher(1.0, 0.3)
+
+
+def test_class_d_refused_with_parameter_name():
+    with pytest.raises(ParameterError, match="activation = 'sigmoid'.*class D.*classes A-C"):
+        cd.check_activation("sigmoid")
+    assert cd.check_activation("gelu").cls == "C"
+
+
+def test_configurations_skip_depth_one_and_refuse_empty():
+    assert cd.configurations([1, 3], [0, 1]) == [(1, 2), (3, 3), (3, 4)]
+    with pytest.raises(ParameterError, match="depth_offsets"):
+        cd.configurations([1], [0])
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "erf"])
+def test_leading_rate_matches_closed_form(name):
+    a = cd.leading_rate(ScalarChain(name, 5, TEACHER), 3, big=1.3)
+    assert a == pytest.approx(cd.closed_form_rate(name, TEACHER, 5, 3, big=1.3), rel=1e-6)
+
+
+def test_sweep_r3_exponent_and_prefactor():
+    eps = np.logspace(-2, -4, 3)
+    s = cd.sweep("tanh", 3, 4, eps, TEACHER)
+    assert not s.censored.any()
+    slope = np.polyfit(np.log(eps), np.log(s.times[:, 0]), 1)[0]
+    assert slope == pytest.approx(-1.0, abs=0.01)
+    assert s.times[-1, 0] * s.rate * eps[-1] == pytest.approx(1.0, rel=0.01)
+
+
+def test_stable_window_rule():
+    x = np.array([1e-4, 1e-3, 1e-2, 1e-1])
+    assert cd.stable_window(x, [-1.0, -1.001, -1.2], 0.005).tolist() == [True, True, True, False]
+    assert cd.stable_window(x, [-1.0, -1.3, -1.2], 0.005).sum() == 3  # at least three points
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "relu", "linear"])
+def test_chain_flow_matches_autograd(name):
+    import torch
+    chain = ScalarChain(name, 4, TEACHER, width=3)
+    X = torch.rand(5, 4, dtype=torch.float64) + 0.2
+    ref = chain.term()(0.0, X)
+    assert torch.allclose(cd.ChainFlow(chain)(0.0, X), ref, rtol=1e-12, atol=1e-15)

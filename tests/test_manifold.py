@@ -1,0 +1,49 @@
+"""Fast checks of lib/saddle_escape/manifold.py."""
+import torch
+
+from saddle_escape import data, manifold, networks, reduced
+
+
+def _setup(depth=3, width=4, d=3):
+    chain = reduced.ScalarChain("tanh", depth, data.ScalarTeacher(1.0, 0.3), width=width, n_nodes=20)
+    net, ds = chain.full_network(d)
+    X0 = torch.tensor([[0.3, 0.5, 0.7][:depth]], dtype=torch.float64)
+    return chain, net, ds, X0, data.direction(d)
+
+
+def _grad(net, ds, theta):
+    th = theta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(networks.population_loss(net, ds)(th).sum(), th)
+    return g
+
+
+def test_gradient_stays_on_manifold_but_not_for_identical_rows():
+    chain, net, ds, X0, w = _setup()
+    on = chain.lift(X0, 3)
+    assert networks.manifold_distance(net, _grad(net, ds, on)).item() < 1e-14
+    rows = manifold.identical_rows_weights(net, X0, w, seed=0)
+    assert manifold.row_spread(net, rows).max().item() < 1e-14
+    assert manifold.row_spread(net, _grad(net, ds, rows))[0, 1].item() > 1e-6
+
+
+def test_transverse_perturbation_is_orthogonal_and_sized():
+    chain, net, ds, X0, w = _setup()
+    th = chain.lift(X0, 3)
+    dlt = manifold.transverse_perturbation(net, th, w, 1e-3, seed=1)
+    assert torch.allclose(dlt.norm(dim=-1), 1e-3 * th.norm(dim=-1))
+    assert abs((dlt * th).sum().item()) < 1e-15
+    assert torch.allclose(networks.manifold_distance(net, dlt), dlt.norm(dim=-1))
+    W1 = net.unflatten(dlt)[0]
+    assert W1[..., 1:].abs().max().item() == 0.0  # first-layer rows stay parallel to w*
+
+
+def test_gradient_descent_batch_matches_manual_loop():
+    chain, *_ , X0, _ = _setup()
+    ys, times = manifold.gradient_descent_batch(chain.loss, X0, [0.2, 0.1], 1.0)
+    X = X0.clone()
+    for _ in range(10):
+        Xg = X.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(chain.loss(Xg).sum(), Xg)
+        X = X - 0.1 * g
+    assert torch.allclose(ys[1, 10], X[0], rtol=0, atol=1e-14)
+    assert torch.isnan(ys[0, 6]).all() and len(times[0]) == 6 and abs(times[1][-1].item() - 1.0) < 1e-12

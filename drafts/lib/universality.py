@@ -72,17 +72,19 @@ class Sweep:
 
 
 def chain_escape_times(name: str, depth: int, eps, teacher: ScalarTeacher, *, pilot_eps: float = 0.3,
-                       t_max: float = 1e15, rtol: float = 1e-11, n_nodes: int = 80) -> Sweep:
+                       t_max: float = 1e15, rtol: float = 1e-11, n_nodes: int = 80,
+                       reference: escape.Reference | None = None) -> Sweep:
     """Escape time (``"loss"`` definition) of the chain with all ``depth`` layers at each eps.
 
     The reference loss comes from one pilot at ``pilot_eps`` for this activation, so each curve
     crosses halfway between its own plateau and its own post-escape loss -- the same definition
-    for every activation.
+    for every activation. Pass ``reference`` to reuse an earlier pilot.
     """
     chain = ScalarChain(name, depth, teacher, n_nodes=n_nodes)
     term = chain.term()
     pilot = bottleneck_scales(depth, depth, pilot_eps)
-    ref = escape.post_escape_reference(term, pilot, last_layer_norm, t_max=1e6, rtol=1e-7, atol=1e-10)
+    ref = reference or escape.post_escape_reference(term, pilot, last_layer_norm, t_max=1e6, rtol=1e-7,
+                                                    atol=1e-10)
     X0 = bottleneck_scales(depth, depth, eps)
     res = escape.escape_times(term, X0, t_max, ref, last_layer_norm, definitions=("loss",), rtol=rtol)
     sol = res.solution
@@ -123,6 +125,7 @@ class Trap:
     final_loss: np.ndarray
     final_last_layer: np.ndarray  # X_L(t_max) / eps
     decay_rate: np.ndarray       # -d log X_L / dt averaged over the first ``decay_window``
+    offset_power: np.ndarray     # E[sigma(z_(L-1))^2] at t = 0: the predicted decay rate
     ts: np.ndarray
     loss_path: np.ndarray        # (runs, len(ts))
     last_layer_path: np.ndarray  # (runs, len(ts))
@@ -152,5 +155,8 @@ def offset_trap(name: str, depth: int, eps, teacher: ScalarTeacher, t_max, thres
     ys = sol.ys.numpy()
     k = int(torch.nonzero(ts == decay_window)[0, 0])
     rate = -np.log(ys[:, k, 1] / eps) / decay_window
+    unit = X0.clone()
+    unit[:, -1] = 1.0
+    power = (chain.output(unit) ** 2 @ chain.w).numpy() / chain.width
     return Trap(name, eps, t_max, np.isfinite(sol.event_times[:, 0].numpy()), term.loss(sol.y_final).numpy(),
-                sol.y_final[:, -1].numpy() / eps, rate, ts.numpy(), ys[:, :, 0], ys[:, :, 1])
+                sol.y_final[:, -1].numpy() / eps, rate, power, ts.numpy(), ys[:, :, 0], ys[:, :, 1])

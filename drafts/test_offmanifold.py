@@ -1,0 +1,70 @@
+"""Fast checks of the off-manifold helpers (chapter 06)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saddle_escape import data, networks, offmanifold as om
+from saddle_escape.integrate import GradientFlow
+from saddle_escape.params import ParameterError
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    ds = data.single_index_samples(data.ScalarTeacher(1.0, 0.3), 64, 4, seed=0)
+    net = networks.MLP.build(4, 6, 4, "tanh")
+    return net, ds
+
+
+def test_bottleneck_layers():
+    assert om.bottleneck_layers(6, 3) == (4, 5, 6)
+    with pytest.raises(ParameterError):
+        om.bottleneck_layers(4, 5)
+
+
+def test_signal_energy_scales_as_eps_to_2r(setup):
+    net, ds = setup
+    layers = om.bottleneck_layers(net.depth, 3)
+    th = networks.he_normal(net, [1, 1], eps=torch.tensor([1e-3, 1e-4]), bottleneck=layers)
+    g = om.signal_energy(net, ds, th)
+    assert abs(math.log(g[0] / g[1]) / math.log(10) - 6) < 1e-3
+
+
+def test_gamma_rate_matches_finite_difference(setup):
+    net, ds = setup
+    loss_fn = networks.population_loss(net, ds)
+    term = GradientFlow(loss_fn)
+    th = networks.he_normal(net, [2], eps=0.3, bottleneck=(3, 4))
+    obs = om.observables(net, ds, (3, 4), loss_fn)(th)
+    h = 1e-6
+    g_plus = om.signal_energy(net, ds, th + h * term(0, th))
+    g_minus = om.signal_energy(net, ds, th - h * term(0, th))
+    fd = (g_plus - g_minus) / (2 * h)
+    assert torch.allclose(obs[:, 2], fd, rtol=1e-5)
+
+
+def test_bottleneck_distance_zero_on_manifold(setup):
+    net, _ = setup
+    th = networks.symmetric_weights(net, torch.tensor([[1.0, 0.5, 0.2, 0.3]]), data.direction(4))
+    dist, norm = om.bottleneck_distance(net, th, (2, 3, 4))
+    assert dist.item() < 1e-12 and norm.item() > 0
+
+
+def test_escape_sweep_deterministic_and_ordered(setup):
+    net, ds = setup
+    ex1 = om.run_experiment(net, ds, 3, [3e-2, 1e-2], [1], rtol=1e-6)
+    ex2 = om.run_experiment(net, ds, 3, [3e-2, 1e-2], [1], rtol=1e-6)
+    assert np.array_equal(ex1.times, ex2.times)
+    assert np.all(np.isfinite(ex1.times)) and ex1.times[1] > ex1.times[0]
+    k = om.inequality_exponents(ex1, lo_factor=10.0, hi=1e-2)
+    assert np.all(np.isfinite(k[1:]))
+
+
+def test_digits_covariance():
+    s = om.digits_covariance(8)
+    assert s.shape == (8, 8) and torch.allclose(s.diag().mean(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.all(s.diag()[:-1] >= s.diag()[1:])
+    with pytest.raises(ParameterError):
+        om.digits_covariance(100)

@@ -164,14 +164,19 @@ def split_observables(ys: torch.Tensor, net: MLP, n_modes: int) -> dict:
 
 def simulate(net: MLP, data: Dataset, theta0: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
              s: torch.Tensor, t_max: float, n_save: int = 300, rtol: float = 1e-10,
-             atol: float = 1e-14) -> dict:
+             atol: float = 1e-14, step_size: float | None = None) -> dict:
     """Gradient flow of the MSE loss from ``theta0`` (1, P) on a linear grid of ``n_save`` times.
+
+    With ``step_size`` the flow is replaced by gradient descent with that learning rate (Euler
+    with a constant step): the way to follow a ReLU network on a finite data set, whose flow can
+    slide along a kink (some sample's pre-activation held at 0), where an error-controlled
+    explicit integrator chatters with ever smaller steps.
 
     Returns numpy arrays: ``t``, ``loss``, ``strengths`` (T, K), ``delta`` (T, L-1), ``matrices``
     (list of (T, N, N)), ``theta_sq`` (T,) = ``||theta||^2``; the located times ``plateau_times``
     (K,) at which each mode strength first reaches ``s_k / 2`` (inf if never), and the step count.
     """
-    from .integrate import Event, GradientFlow, PIController, SaveAt, solve
+    from .integrate import ConstantStep, Euler, Event, GradientFlow, PIController, SaveAt, solve
 
     loss_fn = population_loss(net, data)
     term = GradientFlow(loss_fn)
@@ -181,8 +186,12 @@ def simulate(net: MLP, data: Dataset, theta0: torch.Tensor, U: torch.Tensor, V: 
     events = [Event((lambda k: lambda t, y, runs: mode_strengths(net, y, U, V)[:, k] - s[k] / 2)(k),
                     direction=1, terminal=False, name=f"mode{k + 1}") for k in range(K)]
     ts = torch.linspace(0.0, float(t_max), int(n_save), dtype=theta0.dtype)
-    sol = solve(term, theta0, float(t_max), controller=PIController(rtol=rtol, atol=atol),
-                events=events, saveat=SaveAt(ts, fn))
+    if step_size is None:
+        solver, controller = None, PIController(rtol=rtol, atol=atol)
+    else:
+        solver, controller = Euler(), ConstantStep(step_size)
+    sol = solve(term, theta0, float(t_max), solver=solver, controller=controller,
+                events=events, saveat=SaveAt(ts, fn), max_steps=10_000_000)
     keep = sol.saved[0]
     ys = sol.ys[0, keep]
     parts = split_observables(ys[:, :-1], net, K)

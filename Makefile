@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	mkdir -p $(dir $@) && touch $@
 endif
 
-.PHONY: venv book test chapter clean
+.PHONY: venv book test chapter bench clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ test: venv
 chapter: venv
 	@test -n "$(CH)" || { echo "usage: make chapter CH=05 ARGS='-p eps_min 1e-5'"; exit 2; }
 	$(PY) -m saddle_escape run $(CH) $(ARGS)
+
+# The integrator benchmark of SPEC §7 (a few minutes; not part of `make test`).
+bench: venv
+	$(PY) benchmarks/escape_sweep.py --json $(ARGS)
 
 clean:
 	rm -rf _build results figures executed .pytest_cache

@@ -104,6 +104,18 @@ def test_glue_formats_and_records(run):
     assert run.glued["t_min"] == {"text": "1.23e-05", "value": 1.23456e-05}
 
 
+def test_finish_glues_one_summary_per_claim_family(run):
+    run.claim("critical_depth.exponent[r=3,L=5]", "s", -1.003, -1.0, tolerance=0.02)
+    run.claim("critical_depth.exponent[r=4,L=6]", "s", -2.1, -2.0, tolerance=0.02)
+    run.claim("x.bound", "s", 0.5, 1.0, kind="max")
+    with pytest.raises(book.ClaimsFailed):
+        run.finish()
+    assert run.glued["claims-critical_depth-exponent"]["text"] == (
+        "r=3,L=5: measured -1.003 (predicted -1 ± 0.02) ✓ · "
+        "r=4,L=6: measured -2.1 (predicted -2 ± 0.02) ✗")
+    assert run.glued["claims-x-bound"]["text"] == "measured 0.5 (predicted ≤ 1) ✓"
+
+
 def test_nothing_is_written_before_finish(run, tmp_path):
     run.claim("a", "s", 1.0, 1.0)
     assert not (tmp_path / "results").exists()

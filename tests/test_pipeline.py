@@ -44,6 +44,22 @@ def test_parameter_injection_reaches_the_chapter(shared):
     assert (shared.figures_dir / "line.png").is_file() and (shared.figures_dir / "line.svg").is_file()
 
 
+def test_figures_carry_the_command_that_regenerates_them(shared):
+    results = json.loads(shared.results_json.read_text())
+    command = "python -m saddle_escape run 99 -p scale 2.5 --profile quick"
+    assert results["figures"][0]["command"] == command
+    nb = nbformat.read(shared.notebook, as_version=4)
+    html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert any(command in h and "seed 0" in h and "scale = 2.5" in h for h in html)
+
+
+def test_rerun_command_quotes_values():
+    assert pipeline.rerun_command("05_critical_depth", {}) == "python -m saddle_escape run 05"
+    assert (pipeline.rerun_command("05_critical_depth", {"r_values": [3, 4], "activation": "erf"}, "quick")
+            == "python -m saddle_escape run 05 -p r_values '[3, 4]' -p activation erf --profile quick")
+
+
 def test_results_json_schema(shared):
     results = json.loads(shared.results_json.read_text())
     assert set(results) == {"chapter", "parameters", "environment", "wall_time_s", "claims",
@@ -194,6 +210,12 @@ def test_staging_uses_executed_notebooks_and_generates_pages(shared, tmp_path):
     nb = nbformat.read(dest / "chapters" / "99_fixture.ipynb", as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert "hide-cell" in injected[0].metadata.tags
+    (fig_cell,) = [c for c in nb.cells if "run.figure(" in c.get("source", "")]
+    after = nb.cells[nb.cells.index(fig_cell) + 1]
+    assert after.cell_type == "markdown" and 'class="provenance"' in after.source
+    assert not any("provenance" in str(o) for o in fig_cell.outputs)
+    collapsed = [c for c in nb.cells if "hide-input" in c.metadata.get("tags", [])]
+    assert collapsed and all("run.figure(" in c.source or "run.finish(" in c.source for c in collapsed)
     ledger = (dest / "appendix" / "claims_ledger.md").read_text()
     assert "`fixture.sum`" in ledger and "**1 of 1 claims hold**" in ledger
     assert "<!-- generated" not in ledger

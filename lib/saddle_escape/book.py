@@ -50,6 +50,7 @@ CLAIM_KINDS = ("abs", "rel", "max", "min", "equal")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _HTML_TAG = re.compile(r"<(?=[A-Za-z/!?])")
 _REQUIRED = ("profile", "seed", "results_dir", "figures_dir")
+COMMAND_ENV = "SADDLE_ESCAPE_COMMAND"  # set by the pipeline: how to re-run this execution
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 
 
@@ -124,6 +125,27 @@ def describe_expected(claim: dict) -> str:
     if kind == "min":
         return f"≥ {exp}" + (f" (−{fmt_value(tol)})" if tol else "")
     return f"= {exp}"
+
+
+def claim_summary(claim: dict) -> str:
+    """One line for prose: ``measured -1.003 (predicted -1 ± 0.02) ✓``."""
+    mark = "✓" if claim["passed"] else "✗"
+    return f"measured {fmt_value(claim['measured'])} (predicted {describe_expected(claim)}) {mark}"
+
+
+def claim_families(claims: list[dict]) -> dict[str, str]:
+    """Glue name → one line summarising every claim of a family (the key up to ``[``), for the
+    theorem boxes: ``critical_depth.exponent[r=3,L=5]`` and ``[r=4,L=6]`` both go under
+    ``claims-critical_depth-exponent`` as ``r=3,L=5: measured … ✓ · r=4,L=6: measured … ✓``.
+    Families do not depend on the parameters, so the prose can quote them whatever a re-runner
+    chose."""
+    families: dict[str, list[str]] = {}
+    for c in claims:
+        family, _, label = c["key"].partition("[")
+        line = claim_summary(c)
+        families.setdefault(family, []).append(f"{label.rstrip(']')}: {line}" if label else line)
+    return {"claims-" + re.sub(r"[^A-Za-z0-9_]+", "-", f).strip("-"): " · ".join(lines)
+            for f, lines in families.items()}
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -237,9 +259,9 @@ class ChapterRun:
         else:
             tolerance = P.check_nonnegative("tolerance", 0.0 if tolerance is None else tolerance)
             passed = _compare(key, measured, expected, tolerance, kind)
-        self.claims.append(dict(key=key, statement=str(statement), measured=measured,
-                                expected=expected, tolerance=tolerance, passed=bool(passed),
-                                kind=kind))
+        claim = dict(key=key, statement=str(statement), measured=measured, expected=expected,
+                     tolerance=tolerance, passed=bool(passed), kind=kind)
+        self.claims.append(claim)
         return bool(passed)
 
     # ------------------------------------------------------------------ figures
@@ -264,11 +286,32 @@ class ChapterRun:
             fig.savefig(png, dpi=150, bbox_inches="tight")
             fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
         if display and _in_ipython():
-            from IPython.display import display as ipy_display
+            from IPython.display import HTML, display as ipy_display
             ipy_display(fig)
+            ipy_display(HTML(self.provenance_html()))
         plt.close(fig)
-        self.figures.append(dict(name=name, caption=caption, png=str(png), svg=str(svg)))
+        self.figures.append(dict(name=name, caption=caption, png=str(png), svg=str(svg),
+                                 command=self.command))
         return _Silent(png)
+
+    @property
+    def command(self) -> str:
+        """The shell command that regenerates this run (set by the pipeline; outside it, the
+        plain command for the chapter's defaults)."""
+        return os.environ.get(COMMAND_ENV) or f"python -m saddle_escape run {self.chapter.split('_')[0]}"
+
+    def provenance_html(self) -> str:
+        """The line shown under every figure: command, seed, versions, commit, device, and
+        (folded) every parameter of the run."""
+        from html import escape
+        env = environment(self.device, self.dtype)
+        commit = env["git_commit"][:10]
+        params = ", ".join(f"{k} = {v!r}" for k, v in self.parameters.items()
+                           if k not in ("results_dir", "figures_dir"))
+        return (f'<details class="provenance"><summary>Made by <code>{escape(self.command)}</code>'
+                f" · seed {self.seed} · saddle_escape {escape(env['saddle_escape'])}, commit "
+                f"<code>{escape(commit)}</code> · {escape(env['device'])}, {escape(env['dtype'])}"
+                f" · torch {escape(env['torch'])}</summary><code>{escape(params)}</code></details>")
 
     # ------------------------------------------------------------------ glue and tables
     def glue(self, name: str, value: Any, fmt: str | None = None) -> str:
@@ -318,6 +361,8 @@ class ChapterRun:
         if self._finished:
             raise RuntimeError(f"{self.chapter}: finish() was already called")
         self._finished = True
+        for name, text in claim_families(self.claims).items():
+            self.glue(name, text)
         record = self.results()
         write_json_atomic(self.results_dir / f"{self.chapter}.json", record)
         if self.claims:
@@ -396,3 +441,7 @@ def _seed_everything(seed: int) -> None:
     except ImportError:
         return
     torch.manual_seed(seed)
+    # The book's tensors are tiny (a few hundred numbers per run): thread start-up costs more than
+    # it saves, and on a shared 2-core machine extra threads were measured up to 100x slower.
+    # SADDLE_ESCAPE_THREADS overrides this for readers pushing to large widths.
+    torch.set_num_threads(int(os.environ.get("SADDLE_ESCAPE_THREADS", "1")))

@@ -31,12 +31,12 @@ COVERED_CLASSES = ("A", "B", "C")
 
 
 def check_activation(name):
-    """The activation, or a :class:`ParameterError` for class D (sigma(0) != 0 has no saddle at 0)."""
+    """The activation, or a :class:`~saddle_escape.params.ParameterError` for class D (sigma(0) != 0 has no saddle at 0)."""
     act = activations.get(name)
     if act.cls not in COVERED_CLASSES:
-        allowed = ", ".join(n for n in activations.NAMES if activations.get(n).cls in COVERED_CLASSES)
         raise ParameterError("activation", name, f"it is class {act.cls} (sigma(0) = {act.sigma0:.3g} != 0) and the "
-                             f"critical-depth law assumes sigma(0) = 0; allowed: classes A-C ({allowed})")
+                             "critical-depth law assumes sigma(0) = 0; allowed: activations of classes A-C "
+                             "(linear, relu, tanh, sin, erf, gelu, swish, quadratic, ...)")
     return act
 
 
@@ -163,7 +163,7 @@ class Sweep:
 
 
 def sweep(activation, r: int, depth: int, eps, teacher: ScalarTeacher, big: float = 1.0,
-          pilot_eps: float = 0.3, handoff: float = 0.05, t_max_factor: float = 20.0,
+          pilot_eps: float | None = None, handoff: float = 0.05, t_max_factor: float = 20.0,
           rtol: float = 1e-9, atol: float = 1e-14, n_nodes: int = 80,
           reference: escape.Reference | None = None) -> Sweep:
     """One pilot (post-escape reference at ``pilot_eps``) and one batched escape sweep over ``eps``.
@@ -182,6 +182,8 @@ def sweep(activation, r: int, depth: int, eps, teacher: ScalarTeacher, big: floa
         if not a > 0:
             raise ParameterError("activation", chain.activation.name,
                                  f"gives no escape direction here (leading rate a = {a:.3g} <= 0)")
+        if pilot_eps is None:  # r = 1 has no plateau: at eps = 0.3 the loss is already far down
+            pilot_eps = 0.3 if r >= 2 else 0.1
         pilot = initial_scales(depth, r, [max(pilot_eps, float(np.max(eps)))], big)
         t_guess = float(integral_T(pilot_eps, r) / a) + 10.0
         ref = reference or escape.post_escape_reference(term, pilot, nf, t_max=1e3 * t_guess)

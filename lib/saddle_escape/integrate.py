@@ -49,21 +49,54 @@ class GradientFlow(ODETerm):
     """``dtheta/dt = -grad L(theta)`` for a batched loss ``theta (B, P) -> (B,)``.
 
     The runs are independent, so the gradient of the summed loss is every run's own gradient.
+    The last evaluation is remembered: asking again for the gradient or the loss of the very
+    same tensor (unchanged since) returns the stored values without recomputing them -- the
+    integrator's last stage is the step's end point, so event functions that need ``L`` or
+    ``grad L`` there cost nothing.
     """
 
     def __init__(self, loss_fn: Callable[[torch.Tensor], torch.Tensor]):
         self.loss_fn = loss_fn
+        self._last = None     # (theta, its version, -grad L, L or None)
         super().__init__(self._neg_grad)
+
+    def __call__(self, t, y):
+        hit = self._lookup(y)
+        if hit is not None:
+            return hit[0].clone()
+        self._pending_loss = None
+        out = super().__call__(t, y)
+        self._last = (y, _version(y), out.detach().clone(), self._pending_loss)
+        self._pending_loss = None
+        return out
+
+    def _lookup(self, y):
+        last = self._last
+        if last is not None and last[0] is y and last[1] == _version(y) and last[1] is not None:
+            return last[2], last[3]
+        return None
 
     def _neg_grad(self, t, theta):
         with torch.enable_grad():
             theta = theta.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.loss_fn(theta).sum(), theta)
+            L = self.loss_fn(theta)
+            (g,) = torch.autograd.grad(L.sum(), theta)
+        self._pending_loss = L.detach()
         return -g
 
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        hit = self._lookup(theta)
+        if hit is not None and hit[1] is not None:
+            return hit[1].clone()
         with torch.no_grad():
             return self.loss_fn(theta)
+
+
+def _version(y):
+    try:
+        return y._version
+    except Exception:   # e.g. inference tensors have no version counter: never cached
+        return None
 
 
 # ------------------------------------------------------------------ solvers
@@ -72,7 +105,13 @@ class _Dense:
     """Interpolant of one step, evaluated at fractions ``s`` in [0, 1] of each run's step."""
 
     def __init__(self, coeffs):
-        self.coeffs = coeffs  # tensors (b, P), highest power first
+        self._coeffs = coeffs  # tensors (b, P), highest power first -- or a function making them
+
+    @property
+    def coeffs(self):
+        if callable(self._coeffs):   # built on first use: most steps never need the interpolant
+            self._coeffs = self._coeffs()
+        return self._coeffs
 
     def __call__(self, s: torch.Tensor, rows=None) -> torch.Tensor:
         cs = self.coeffs if rows is None else [c[rows] for c in self.coeffs]
@@ -106,12 +145,25 @@ class Dopri5:
         hc = h[:, None]
         k = [f0]
         for i in range(1, 7):
-            yi = y + hc * sum(a * kj for a, kj in zip(self._A[i], k) if a != 0.0)
+            yi = y + hc * _lincomb(self._A[i], k)
             k.append(term(t + self._C[i] * h, yi))
         y1, f1 = yi, k[6]
-        err = hc * sum(e * kj for e, kj in zip(self._E, k) if e != 0.0)
-        y_mid = y + hc * sum(m * kj for m, kj in zip(self._MID, k) if m != 0.0)
-        return y1, f1, err, _Dense(_quartic(y, y1, y_mid, f0, f1, hc))
+        err = hc * _lincomb(self._E, k)
+
+        def interpolant():
+            y_mid = y + hc * _lincomb(self._MID, k)
+            return _quartic(y, y1, y_mid, f0, f1, hc)
+
+        return y1, f1, err, _Dense(interpolant)
+
+
+def _lincomb(coefs, ks):
+    """``sum_j coefs[j] * ks[j]`` over the non-zero coefficients, left to right."""
+    out = None
+    for a, kj in zip(coefs, ks):
+        if a != 0.0:
+            out = a * kj if out is None else out + a * kj
+    return out
 
 
 def _quartic(y0, y1, ym, f0, f1, h):
@@ -264,7 +316,7 @@ class Solution:
 
     @property
     def censored(self) -> torch.Tensor:
-        """(B, n_events) bool: the event never fired before the run's end."""
+        """Boolean tensor of shape ``(B, n_events)``: True where the event never fired before the run ended."""
         return torch.isinf(self.event_times)
 
 
@@ -310,24 +362,35 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
 
     pbar = bar(total=100, desc=desc, enabled=progress)
     last_pct = 0
+    t1_stop = t1 * (1 - 1e-14)
+    n_active, idx = -1, None
     for _ in range(max_steps):
-        if not active.any():
+        # the active set only ever shrinks: rebuild the row index (and what depends on it) when it does
+        count = int(active.sum())
+        if count == 0:
             break
-        idx = active.nonzero().squeeze(1)
-        full = idx.numel() == B
+        if count != n_active:
+            n_active = count
+            idx = active.nonzero().squeeze(1)
+            full = count == B
+            t1a = t1 if full else t1[idx]
         ta, ya, fa = (t, y, f) if full else (t[idx], y[idx], f[idx])
-        ha = torch.minimum(h[idx], t1[idx] - ta)
+        ha = torch.minimum(h if full else h[idx], t1a - ta)
         y1, f1, err, dense = solver.step(term, ta, ya, fa, ha)
         errn = controller.error_norm(err, ya, y1)
         finite = torch.isfinite(y1).all(-1) & torch.isfinite(f1).all(-1) & torch.isfinite(errn)
         if not controller.adaptive:
             _check_finite(torch.where(finite[:, None], y1, torch.nan), idx, ta, controller)
         accept = finite & (errn <= 1.0)
-        n_steps[idx] += 1
-        n_rej[idx] += (~accept).long()
+        n_steps += active
+        rejected = ~accept
+        if full:
+            n_rej += rejected
+        else:
+            n_rej.index_add_(0, idx, rejected.long())
         t_new = ta + ha
         if controller.adaptive:
-            tiny = (~accept) & (ha <= 1e-13 * torch.clamp(ta.abs(), min=1e-3))
+            tiny = rejected & (ha <= 1e-13 * torch.clamp(ta.abs(), min=1e-3))
             if tiny.any():
                 b = idx[tiny][0].item()
                 raise DivergenceError(
@@ -343,12 +406,10 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
                 + ("reduce step_size (gradient descent is unstable above 2 / curvature)." if not controller.adaptive
                    else "the loss is exploding; lower rtol/atol or check the teacher and initial scales."))
 
-        # events on accepted steps
-        t_end = t_new.clone()
-        y_end = y1.clone()
-        stop_here = torch.zeros_like(accept)
+        # events on accepted steps (a terminal one moves the step's end back to the event)
+        t_end, y_end, stop_here = t_new, y1, None
         for k, ev in enumerate(events):
-            g0 = ev_g[k][idx]
+            g0 = ev_g[k] if full else ev_g[k][idx]
             g1 = ev.fn(t_new, y1, idx)
             crossed = accept & _crossed(g0, g1, ev.direction) & torch.isinf(ev_t[idx, k])
             if crossed.any():
@@ -359,25 +420,40 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
                 ye = dense(s, rows)
                 ev_y[k][idx[rows]] = ye
                 if ev.terminal:
+                    if stop_here is None:
+                        t_end, y_end = t_new.clone(), y1.clone()
+                        stop_here = torch.zeros_like(accept)
                     earlier = te < t_end[rows]
                     t_end[rows] = torch.where(earlier, te, t_end[rows])
                     y_end[rows] = torch.where(earlier[:, None], ye, y_end[rows])
                     stop_here[rows] = True
-            ev_g[k][idx] = torch.where(accept, g1, g0)
+            if full:
+                ev_g[k] = torch.where(accept, g1, g0)
+            else:
+                ev_g[k][idx] = torch.where(accept, g1, g0)
 
         if saver is not None:
             saver.save(dense, idx, ta, ha, t_end, accept)
 
         # commit accepted steps
-        acc_idx = idx[accept]
-        t[acc_idx] = t_end[accept]
-        y[acc_idx] = y_end[accept]
-        f[acc_idx] = f1[accept]
-        stopped[idx[stop_here]] = True
-        h_prop = controller.propose(ha, errn, err_prev[idx], solver.order)
-        h[idx] = h_prop
-        err_prev[idx] = torch.where(accept, errn.clamp_min(1e-4), err_prev[idx])
-        active = (~stopped) & (t < t1 * (1 - 1e-14))
+        acc = accept[:, None]
+        h_prop = controller.propose(ha, errn, err_prev if full else err_prev[idx], solver.order)
+        if full:
+            err_new = torch.where(accept, errn.clamp_min(1e-4), err_prev)
+            t.copy_(torch.where(accept, t_end, t))
+            y.copy_(torch.where(acc, y_end, y))
+            f.copy_(torch.where(acc, f1, f))
+            h.copy_(h_prop)
+            err_prev.copy_(err_new)
+        else:
+            t.index_copy_(0, idx, torch.where(accept, t_end, ta))
+            y.index_copy_(0, idx, torch.where(acc, y_end, ya))
+            f.index_copy_(0, idx, torch.where(acc, f1, fa))
+            h.index_copy_(0, idx, h_prop)
+            err_prev.index_copy_(0, idx, torch.where(accept, errn.clamp_min(1e-4), err_prev[idx]))
+        if stop_here is not None:
+            stopped[idx[stop_here]] = True
+        active = (~stopped) & (t < t1_stop)
 
         if progress:
             pct = int(100 * torch.log1p(t).sum() / torch.log1p(t1).sum())

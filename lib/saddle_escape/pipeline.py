@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .book import describe_expected, fmt_value, markdown_table
+from .book import COMMAND_ENV, describe_expected, fmt_value, markdown_table
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROFILES = ("quick", "full")
@@ -333,6 +334,11 @@ def run_chapter(source: str | Path, out_dir: str | Path, parameters: dict | None
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
+    # The kernel inherits the environment: figures print this command as their provenance.
+    command = rerun_command(chapter, {k: v for k, v in parameters.items() if k not in RESERVED
+                                      and k != "profile"}, profile)
+    restore = os.environ.get(COMMAND_ENV)
+    os.environ[COMMAND_ENV] = command
     try:
         papermill.execute_notebook(
             nb, str(result.notebook), parameters=parameters, kernel_name=KERNELSPEC["name"],
@@ -341,6 +347,11 @@ def run_chapter(source: str | Path, out_dir: str | Path, parameters: dict | None
         error = None
     except Exception as err:  # a cell raised (PapermillExecutionError), or the kernel died
         error = err
+    finally:
+        if restore is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = restore
     result.wall_time_s = time.perf_counter() - t0
 
     results = _read_json(result.results_json)
@@ -359,6 +370,16 @@ def run_chapter(source: str | Path, out_dir: str | Path, parameters: dict | None
         _cache_file(out_dir, chapter).write_text(json.dumps({"key": key, "parameters": parameters},
                                                             indent=2), encoding="utf-8")
     return result
+
+
+def rerun_command(chapter: str, overrides: dict, profile: str = "full") -> str:
+    """The shell command that re-runs `chapter` with these parameter overrides."""
+    words = ["python", "-m", "saddle_escape", "run", chapter.split("_")[0]]
+    for name, value in overrides.items():
+        words += ["-p", name, shlex.quote(value if isinstance(value, str) else repr(value))]
+    if profile != "full":
+        words += ["--profile", profile]
+    return " ".join(words)
 
 
 def _claims_message(chapter: str, failed: list[dict]) -> str:
@@ -385,7 +406,7 @@ def build_book(project: Project, profile: str = "full", *, force: bool = False,
     """Run every chapter of ``_toc.yml`` that has a source, stage, and build the HTML.
 
     Returns a process exit code: 0 when every chapter passed and jupyter-book succeeded.
-    `strict` adds ``-W --keep-going`` (warnings are errors). The HTML lands in
+    `strict` adds ``-n -W --keep-going`` (nitpicky, warnings are errors). The HTML lands in
     ``<path_output>/_build/html`` (default: the repo root for full, ``_build/quick`` for quick).
     """
     out = project.out_dir(profile)
@@ -410,7 +431,7 @@ def build_book(project: Project, profile: str = "full", *, force: bool = False,
 
     src = stage_book(project, [r.chapter for r in chapters], out, path_output / "_build" / "src")
     cmd = [sys.executable, "-c", JUPYTER_BOOK, "build", str(src), "--path-output",
-           str(path_output), "--all"] + (["-W", "--keep-going"] if strict else [])
+           str(path_output), "--all"] + (["-n", "-W", "--keep-going"] if strict else [])
     shutil.rmtree(path_output / "_build" / "html", ignore_errors=True)  # no stale pages
     built = subprocess.run(cmd, cwd=project.root).returncode
     index = path_output / "_build" / "html" / "index.html"
@@ -466,12 +487,36 @@ def stage_book(project: Project, chapters: list[str], out: Path, dest: Path) -> 
     (dest / "chapters").mkdir(exist_ok=True)
     for chapter in chapters:
         nb = nbformat.read(out / "executed" / f"{chapter}.ipynb", as_version=4)
+        cells = []
         for cell in nb.cells:
+            cells.append(cell)
             tags = cell.setdefault("metadata", {}).setdefault("tags", [])
             if "injected-parameters" in tags and "hide-cell" not in tags:
                 tags.append("hide-cell")  # collapsed on the page, one click away
+            elif is_presentation_cell(cell) and not {"hide-input", "show-input"} & set(tags):
+                tags.append("hide-input")
+            if cell.cell_type == "code":
+                # myst-nb wraps *every* output of a `mystnb: figure` cell in the figure (a
+                # duplicate label otherwise), so the provenance line becomes the next block.
+                notes = [o for o in cell.outputs if _is_provenance(o)]
+                cell.outputs = [o for o in cell.outputs if not _is_provenance(o)]
+                cells += [nbformat.v4.new_markdown_cell(o["data"]["text/html"]) for o in notes]
+        nb.cells = cells
         nbformat.write(nb, dest / "chapters" / f"{chapter}.ipynb")
     return dest
+
+
+PRESENTATION_CALLS = re.compile(r"\brun\.(figure|table|finish)\(")
+
+
+def is_presentation_cell(cell) -> bool:
+    """A code cell that draws a figure or shows a table: its code is collapsed on the page (the
+    output stays). A chapter keeps such a cell's code open with the tag ``show-input``."""
+    return cell.get("cell_type") == "code" and bool(PRESENTATION_CALLS.search(cell.get("source", "")))
+
+
+def _is_provenance(output) -> bool:
+    return 'class="provenance"' in output.get("data", {}).get("text/html", "")
 
 
 def _toc_files(node: Any) -> list[str]:

@@ -49,6 +49,10 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+# One torch thread for every method, as in the book (saddle_escape.book): on these tiny tensors
+# thread start-up costs more than it saves. SADDLE_ESCAPE_THREADS overrides it here too.
+torch.set_num_threads(int(os.environ.get("SADDLE_ESCAPE_THREADS", "1")))
+
 from saddle_escape import data, escape, networks, reduced
 from saddle_escape.integrate import Event, GradientFlow, PIController, solve
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import re
 import shutil
@@ -89,7 +90,7 @@ def test_every_page_reads_well(browser, site):
             page.evaluate("() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
             if label == "desktop":
                 problems += [f"{doc}: console error: {e}" for e in errors]
-                problems += _check_images(page, doc)
+                problems += _check_images(page, doc, html_dir)
                 problems += _check_math(page, doc)
                 problems += _check_links(page, doc, base, html_dir)
                 if doc.endswith("claims_ledger"):
@@ -99,10 +100,20 @@ def test_every_page_reads_well(browser, site):
     assert not problems, "\n".join(problems)
 
 
-def _check_images(page, doc):
+def _check_images(page, doc, html_dir: Path):
     broken = page.evaluate("() => [...document.images].filter(i => !i.complete || i.naturalWidth === 0)"
                            ".map(i => i.getAttribute('src'))")
-    return [f"{doc}: image not decoded: {src}" for src in broken]
+    out = [f"{doc}: image not decoded: {src}" for src in broken]
+    # every figure the chapter recorded is on the page as an image (not as "<Figure size ...>")
+    results = html_dir.parents[1] / "results" / f"{Path(doc).name}.json"
+    if doc.startswith("chapters/") and results.is_file():
+        expected = len(json.loads(results.read_text())["figures"])
+        shown = page.evaluate("() => document.querySelectorAll('main img').length")
+        if shown < expected:
+            out.append(f"{doc}: {shown} image(s) on the page, but the chapter saved {expected} figures")
+        if "<Figure size" in page.evaluate("() => document.querySelector('main').innerText"):
+            out.append(f"{doc}: a figure is shown as text ('<Figure size ...>')")
+    return out
 
 
 def _check_math(page, doc):

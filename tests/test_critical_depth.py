@@ -49,3 +49,14 @@ def test_chain_flow_matches_autograd(name):
     X = torch.rand(5, 4, dtype=torch.float64) + 0.2
     ref = chain.term()(0.0, X)
     assert torch.allclose(cd.ChainFlow(chain)(0.0, X), ref, rtol=1e-12, atol=1e-15)
+
+
+def test_sweep_reaches_escape_times_beyond_the_float64_clock():
+    # r = 5, eps = 1e-7: t_esc ~ 3e20, where t + h == t for the steps the end of the saddle phase
+    # needs; with one clock restart at 0.05 (or two) the step size collapsed (DivergenceError).
+    eps = np.array([1e-6, 1e-7])
+    s = cd.sweep("tanh", 5, 7, eps, data.ScalarTeacher(1.0, 0.3))
+    assert not s.censored.any()
+    slope = np.log(s.times[1, 0] / s.times[0, 0]) / np.log(eps[1] / eps[0])
+    assert abs(slope + 3) < 1e-3
+    assert cd.handoff_ratio(2) == np.inf and cd.handoff_ratio(5) ** 3 == pytest.approx(3e8)

@@ -12,7 +12,6 @@ from saddle_escape.params import ParameterError
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(1)
     ds = data.single_index_samples(data.ScalarTeacher(1.0, 0.3), 64, 4, seed=0)
     net = networks.MLP.build(4, 6, 4, "tanh")
     return net, ds

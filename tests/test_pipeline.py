@@ -217,7 +217,8 @@ def test_staging_uses_executed_notebooks_and_generates_pages(shared, tmp_path):
     collapsed = [c for c in nb.cells if "hide-input" in c.metadata.get("tags", [])]
     assert collapsed and all("run.figure(" in c.source or "run.finish(" in c.source for c in collapsed)
     ledger = (dest / "appendix" / "claims_ledger.md").read_text()
-    assert "`fixture.sum`" in ledger and "**1 of 1 claims hold**" in ledger
+    assert "`fixture.sum`" in ledger and "**1 of 1 claims hold** in this build, made on" in ledger
+    assert "from commit" in ledger and "executing its chapters took" in ledger
     assert "<!-- generated" not in ledger
     rerun = (dest / "appendix" / "rerunning.md").read_text()
     assert "| `scale` | `1.0` | amplitude of the curve (> 0) |" in rerun

@@ -286,8 +286,10 @@ class ChapterRun:
             fig.savefig(png, dpi=150, bbox_inches="tight")
             fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
         if display and _in_ipython():
-            from IPython.display import HTML, display as ipy_display
-            ipy_display(fig)
+            # Show the saved file itself: the page gets exactly the PNG on disk, whatever
+            # matplotlib backend the kernel inherited (with Agg, display(fig) is only text).
+            from IPython.display import HTML, Image, display as ipy_display
+            ipy_display(Image(filename=str(png)))
             ipy_display(HTML(self.provenance_html()))
         plt.close(fig)
         self.figures.append(dict(name=name, caption=caption, png=str(png), svg=str(svg),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,17 +45,6 @@ def configurations(r_values, depth_offsets) -> list[tuple[int, int]]:
     if not pairs:
         raise ParameterError("depth_offsets", list(depth_offsets), "must give at least one depth L = r + offset >= 2")
     return pairs
-
-
-@contextmanager
-def single_thread():
-    """Tiny batched problems run fastest on one thread (and much faster on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class ChainFlow(GradientFlow):
@@ -162,60 +150,71 @@ class Sweep:
         return ~np.isfinite(self.times).all(1)
 
 
+def handoff_ratio(r: int) -> float:
+    """How far one leg of :func:`sweep`'s saddle phase may grow the bottleneck scale: by at most
+    this factor, so that the flow's local time scale at the leg's end, ``1/(a y^(r-2))``, stays
+    above 1e-8 of the time the leg took (``~ 1/((r-2) a y0^(r-2))``). A longer leg outruns its
+    float64 clock: ``t + h == t`` for the steps the flow needs, and the step size collapses."""
+    return math.inf if r <= 2 else ((r - 2) * 1e8) ** (1.0 / (r - 2))
+
+
 def sweep(activation, r: int, depth: int, eps, teacher: ScalarTeacher, big: float = 1.0,
           pilot_eps: float | None = None, handoff: float = 0.05, t_max_factor: float = 20.0,
           rtol: float = 1e-9, atol: float = 1e-14, n_nodes: int = 80,
           reference: escape.Reference | None = None) -> Sweep:
     """One pilot (post-escape reference at ``pilot_eps``) and one batched escape sweep over ``eps``.
 
-    Leg 1 runs the saddle phase of every run with ``eps < handoff`` until the bottleneck RMS
-    scale reaches ``handoff``; leg 2 restarts the clock there and detects the escape events
+    The saddle phase runs until the bottleneck RMS scale reaches ``handoff``, in as many legs as
+    the float64 clock needs (:func:`handoff_ratio`); the last leg restarts the clock there and
+    detects the escape events
     (thresholds from the original initial loss). Runs get ``t_max = t_max_factor *
     (T_r(eps)/a + reference time)``."""
-    with single_thread():
-        start = time.perf_counter()
-        chain = ScalarChain(activation, depth, teacher, n_nodes=n_nodes)
-        term = ChainFlow(chain)
-        evals0 = term.run_evals
-        nf = bottleneck_norm(r)
-        a = leading_rate(chain, r, big)
-        if not a > 0:
-            raise ParameterError("activation", chain.activation.name,
-                                 f"gives no escape direction here (leading rate a = {a:.3g} <= 0)")
-        if pilot_eps is None:  # r = 1 has no plateau: at eps = 0.3 the loss is already far down
-            pilot_eps = 0.3 if r >= 2 else 0.1
-        pilot = initial_scales(depth, r, [max(pilot_eps, float(np.max(eps)))], big)
-        t_guess = float(integral_T(pilot_eps, r) / a) + 10.0
-        ref = reference or escape.post_escape_reference(term, pilot, nf, t_max=1e3 * t_guess)
-        eps = np.asarray(eps, float)
-        X0 = initial_scales(depth, r, eps, big)
-        t_max = t_max_factor * (np.maximum(integral_T(eps, r), 0) / a + ref.time)
-        t_max_t = torch.as_tensor(t_max, dtype=X0.dtype)
-        ctrl = PIController(rtol=rtol, atol=atol)
+    start = time.perf_counter()
+    chain = ScalarChain(activation, depth, teacher, n_nodes=n_nodes)
+    term = ChainFlow(chain)
+    evals0 = term.run_evals
+    nf = bottleneck_norm(r)
+    a = leading_rate(chain, r, big)
+    if not a > 0:
+        raise ParameterError("activation", chain.activation.name,
+                             f"gives no escape direction here (leading rate a = {a:.3g} <= 0)")
+    if pilot_eps is None:  # r = 1 has no plateau: at eps = 0.3 the loss is already far down
+        pilot_eps = 0.3 if r >= 2 else 0.1
+    pilot = initial_scales(depth, r, [max(pilot_eps, float(np.max(eps)))], big)
+    t_guess = float(integral_T(pilot_eps, r) / a) + 10.0
+    ref = reference or escape.post_escape_reference(term, pilot, nf, t_max=1e3 * t_guess)
+    eps = np.asarray(eps, float)
+    X0 = initial_scales(depth, r, eps, big)
+    t_max = t_max_factor * (np.maximum(integral_T(eps, r), 0) / a + ref.time)
+    t_max_t = torch.as_tensor(t_max, dtype=X0.dtype)
+    ctrl = PIController(rtol=rtol, atol=atol)
 
-        # leg 1: the saddle phase, up to the hand-off scale
-        t1 = torch.zeros(len(eps), dtype=X0.dtype)
-        X1 = X0.clone()
-        slow = torch.as_tensor(eps < handoff)
-        if slow.any():
-            idx = slow.nonzero().squeeze(1)
-            rms = lambda t, y, runs: handoff - nf(y) / math.sqrt(r)
-            s1 = solve(term, X0[idx], t_max_t[idx], controller=ctrl, events=[Event(rms, -1, terminal=True)])
-            reached = torch.isfinite(s1.event_times[:, 0])
-            t1[idx] = torch.where(reached, s1.event_times[:, 0], s1.t_final)
-            X1[idx] = s1.y_final
-        # leg 2: the escape, clock restarted; thresholds from the original L(0)
-        events = escape.escape_events(term, X0, ref, nf)
-        L0 = term.loss(X0)
-        past = L0 + 0.9 * (ref.loss - L0)
-        target = 0.5 * ref.norm
-        events.append(Event(lambda t, y, runs: torch.maximum(term.loss(y) - past[runs], target - nf(y)),
-                            -1, terminal=True, name="stop"))
-        left = torch.clamp(t_max_t - t1, min=1e-12)
-        s2 = solve(term, X1, left, controller=ctrl, events=events)
-        times = (s2.event_times[:, :2] + t1[:, None]).numpy()
-        return Sweep(r, depth, eps, times, t_max, a, ref, term.run_evals - evals0,
-                     time.perf_counter() - start)
+    # the saddle phase, up to the hand-off scale, in legs that each restart the clock
+    t1 = torch.zeros(len(eps), dtype=X0.dtype)
+    X1 = X0.clone()
+    rms = lambda y: nf(y) / math.sqrt(r)
+    going = torch.as_tensor(eps < handoff)
+    while going.any():
+        idx = going.nonzero().squeeze(1)
+        goal = torch.clamp(rms(X1[idx]) * handoff_ratio(r), max=handoff)
+        s1 = solve(term, X1[idx], torch.clamp(t_max_t[idx] - t1[idx], min=1e-12), controller=ctrl,
+                   events=[Event(lambda t, y, runs: goal[runs] - rms(y), -1, terminal=True)])
+        reached = torch.isfinite(s1.event_times[:, 0])
+        t1[idx] += torch.where(reached, s1.event_times[:, 0], s1.t_final)
+        X1[idx] = s1.y_final
+        going[idx] = reached & (goal < handoff)
+    # the escape, clock restarted; thresholds from the original L(0)
+    events = escape.escape_events(term, X0, ref, nf)
+    L0 = term.loss(X0)
+    past = L0 + 0.9 * (ref.loss - L0)
+    target = 0.5 * ref.norm
+    events.append(Event(lambda t, y, runs: torch.maximum(term.loss(y) - past[runs], target - nf(y)),
+                        -1, terminal=True, name="stop"))
+    left = torch.clamp(t_max_t - t1, min=1e-12)
+    s2 = solve(term, X1, left, controller=ctrl, events=events)
+    times = (s2.event_times[:, :2] + t1[:, None]).numpy()
+    return Sweep(r, depth, eps, times, t_max, a, ref, term.run_evals - evals0,
+                 time.perf_counter() - start)
 
 
 def stable_window(x, local, tol: float, relative: bool = False, min_points: int = 3) -> np.ndarray:

@@ -557,24 +557,26 @@ def _doc_link(chapter: str, text: str | None = None) -> str:
 
 
 def claims_ledger(chapters: list[str], results_dir: Path) -> str:
-    """Markdown: every claim of the book's chapters in one table, with its status."""
-    rows = []
+    """Markdown: when and from what this build was made, then every claim of the book's chapters
+    in one table with its status."""
+    from datetime import datetime, timezone
+
+    from .provenance import git_commit
+
+    rows, seconds = [], 0.0
     for chapter in chapters:
         results = _read_json(results_dir / f"{chapter}.json") or {"claims": []}
+        seconds += results.get("wall_time_s") or 0.0
         for c in results["claims"]:
-            kind = c.get("kind", "abs")
-            expected = {"max": "≤ ", "min": "≥ "}.get(kind, "") + fmt_value(c["expected"])
-            tolerance = {"abs": f"± {fmt_value(c['tolerance'])}",
-                         "rel": f"± {fmt_value(100 * (c['tolerance'] or 0))}%",
-                         "equal": "exact"}.get(kind, f"{fmt_value(c['tolerance'])}")
             rows.append(["✓" if c["passed"] else "✗", _doc_link(chapter, chapter.split("_")[0]),
-                         f"`{c['key']}`", c["statement"], expected, c["measured"], tolerance])
+                         f"{c['statement']} (`{c['key']}`)", describe_expected(c), c["measured"]])
     if not rows:
         return "*No chapter has been executed in this build yet, so there are no claims to list.*"
     passed = sum(r[0] == "✓" for r in rows)
-    head = f"**{passed} of {len(rows)} claims hold** in this build.\n\n"
-    return head + markdown_table(["status", "chapter", "claim", "statement", "expected",
-                                  "measured", "tolerance"], rows)
+    built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = (f"**{passed} of {len(rows)} claims hold** in this build, made on {built} from commit "
+            f"`{git_commit()[:10]}`; executing its chapters took {seconds / 60:.1f} minutes.\n\n")
+    return head + markdown_table(["", "chapter", "claim", "expected", "measured"], rows)
 
 
 def parameter_tables(project: Project, chapters: list[str]) -> str:
@@ -586,7 +588,7 @@ def parameter_tables(project: Project, chapters: list[str]) -> str:
         specs = parameter_specs(read_notebook(project.chapters_dir / f"{chapter}.md"))
         rows = [[f"`{s.name}`", f"`{s.default}`", s.comment] for s in specs]
         parts.append(f"### {_doc_link(chapter)}\n\n"
-                     + markdown_table(["parameter", "default", "meaning"], rows)
+                     + markdown_table(["parameter", "default", "meaning and allowed values"], rows)
                      + f"\n\n```bash\npython -m saddle_escape run {chapter.split('_')[0]}"
                        f" -p seed 1\n```\n")
     return "\n".join(parts)

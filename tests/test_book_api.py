@@ -94,7 +94,8 @@ def test_figure_saves_png_and_svg(run, tmp_path):
     assert (tmp_path / "figures" / "42_demo" / "line.svg").is_file()
     assert not plt.fignum_exists(fig.number)
     assert run.figures == [{"name": "line", "caption": "a line", "png": png,
-                            "svg": str(tmp_path / "figures" / "42_demo" / "line.svg")}]
+                            "svg": str(tmp_path / "figures" / "42_demo" / "line.svg"),
+                            "command": "python -m saddle_escape run 42"}]
     with pytest.raises(ValueError):
         run.figure(plt.figure(), "../x")
 

@@ -1,4 +1,5 @@
 """Fast checks of lib/saddle_escape/manifold.py."""
+import pytest
 import torch
 
 from saddle_escape import data, manifold, networks, reduced
@@ -47,3 +48,26 @@ def test_gradient_descent_batch_matches_manual_loop():
         X = X - 0.1 * g
     assert torch.allclose(ys[1, 10], X[0], rtol=0, atol=1e-14)
     assert torch.isnan(ys[0, 6]).all() and len(times[0]) == 6 and abs(times[1][-1].item() - 1.0) < 1e-12
+
+
+def test_full_network_follows_the_chain_and_gd_is_first_order():
+    chain = reduced.ScalarChain("tanh", 3, data.ScalarTeacher(1.0, 0.0), width=3)
+    X0 = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64)
+    ts = torch.arange(41, dtype=torch.float64) * 0.5
+    traj = manifold.full_vs_reduced(chain, X0, 2, ts, 1e-10, 1e-6)
+    assert manifold.relative_error(traj.X_full[0], traj.X_red).max() < 1e-7
+    assert (traj.dist[0] / traj.norm[0]).max() < 1e-12 < traj.dist[1, 0]
+    worst, at_end, _ = manifold.gd_errors(chain, X0, [0.5, 0.25, 0.125], traj, len(ts) - 1)
+    ratios = [a / b for a, b in zip(at_end, at_end[1:])]
+    assert all(1.8 < q < 2.2 for q in ratios), ratios        # halving eta halves the error
+
+
+def test_balance_check_drift_and_estimate():
+    # scales growing uniformly by (1 + k/100): Delta_l grows by the same factor squared
+    X = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64) * (1 + 0.01 * torch.arange(5, dtype=torch.float64))[:, None]
+    linear = reduced.ScalarChain("linear", 3, data.ScalarTeacher(1.0, 0.0))
+    drift, bound, z_p = manifold.balance_check(linear, X, 4)
+    assert drift == pytest.approx((0.3**2 - 0.2**2) * (1.04**2 - 1) / (0.3 * 1.04) ** 2, rel=1e-12)
+    assert bound is None and z_p > 0                        # class A: no estimate is claimed
+    tanh = reduced.ScalarChain("tanh", 3, data.ScalarTeacher(1.0, 0.0))
+    assert manifold.balance_check(tanh, X, 4)[1] > 0

@@ -232,3 +232,15 @@ def test_restrict_toc_drops_empty_parts():
         {"caption": "Part I", "chapters": [{"file": "chapters/01_a"}]},
         {"caption": "Appendix", "chapters": [{"file": "appendix/api"}]}]}
     assert pipeline._restrict_toc(toc, set())["parts"] == [toc["parts"][1]]
+
+
+@pytest.mark.parametrize("source, collapsed", [
+    ('fig, ax = plotting.figure()\nrun.figure(fig, "x")', True),
+    ('run.glue("a", 1, fmt="{:g}")\nrun.claim("k", "s", 1.0, 1.0);', True),
+    ("run.finish();", True),
+    ('x = simulate()\nrun.glue("a", x)', False),        # computes something: stays open
+    ('for k in ks:\n    run.claim(k, "s", 1, 1)', False),
+    ("", False),
+])
+def test_presentation_cells_are_recognised(source, collapsed):
+    assert pipeline.is_presentation_cell({"cell_type": "code", "source": source}) is collapsed

@@ -11,17 +11,28 @@ the inputs that fix ``w*``. Its points are ``W_1 = X_1 1 w*^T / sqrt(N)`` and
 * :func:`transverse_perturbation` -- a random direction orthogonal to the manifold that stays
   inside the subspace where the quadrature data are exact (first-layer rows parallel to ``w*``).
 * :func:`gradient_descent_batch` -- gradient descent with several learning rates in one batch.
+
+Chapter 04's experiments, each one call:
+
+* :func:`full_vs_reduced` -- the full network on the manifold (and perturbed off it) against the
+  reduced chain, on one time grid;
+* :func:`gradient_row_spread` -- does one gradient step keep a layer's rows identical?
+* :func:`gd_errors` -- gradient descent against the flow, for several learning rates;
+* :func:`balance_check` -- how far the imbalances drift on the plateau, and the estimate.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .data import DTYPE
-from .integrate import ConstantStep, Euler, ODETerm, SaveAt, solve
+from . import networks
+from .data import DTYPE, direction
+from .integrate import ConstantStep, Euler, GradientFlow, ODETerm, PIController, SaveAt, solve
 from .networks import MLP, symmetric_directions
 from .params import ParameterError
+from .reduced import ScalarChain
 
 
 def row_spread(net: MLP, theta: torch.Tensor) -> torch.Tensor:
@@ -108,3 +119,108 @@ def gradient_descent_batch(loss_fn, X0: torch.Tensor, step_sizes, t_max: float) 
                 saveat=SaveAt(ts, fn=lambda y: y[:, :L]), max_steps=K + 10)
     times = [torch.arange(int(n) + 1, dtype=DTYPE) * e for n, e in zip(n_steps.tolist(), etas.tolist())]
     return sol.ys, times
+
+
+# --------------------------------------------------------------------------- chapter 04's experiments
+
+@dataclass
+class Trajectories:
+    """The reduced chain and the full network, on the common grid ``ts``. Run 0 of the full
+    network starts on the manifold, run 1 a transverse ``perturbation`` away."""
+
+    ts: torch.Tensor
+    X_red: torch.Tensor        # (T, L) layer scales of the reduced flow
+    loss_red: torch.Tensor     # (T,)
+    X_full: torch.Tensor       # (2, T, L) layer norms ||W_l||_F of the full network
+    loss_full: torch.Tensor    # (2, T)
+    dist: torch.Tensor         # (2, T) distance from the manifold
+    norm: torch.Tensor         # (2, T) ||theta||
+    net: MLP
+    term: GradientFlow         # the full network's flow
+    theta0: torch.Tensor       # (1, P) the on-manifold start
+
+
+def full_vs_reduced(chain: ScalarChain, X0: torch.Tensor, input_dim: int, ts: torch.Tensor,
+                    rtol: float, perturbation: float, seed: int = 0) -> Trajectories:
+    """Integrate the reduced flow and the full width-``chain.width`` network (population loss by
+    quadrature along ``w*``) with the same adaptive integrator, saving both on ``ts``."""
+    net, dataset = chain.full_network(input_dim)
+    controller = PIController(rtol=rtol, atol=1e-14)
+    red = solve(chain.term(), X0, float(ts[-1]), controller=controller,
+                saveat=SaveAt(ts, fn=lambda X: torch.cat([X, chain.loss(X)[:, None]], -1)))
+    theta0 = chain.lift(X0, input_dim)
+    delta = transverse_perturbation(net, theta0, direction(input_dim), perturbation, seed=seed)
+    term = GradientFlow(networks.population_loss(net, dataset))
+    observe = lambda th: torch.cat([networks.layer_norms(net, th), term.loss_fn(th)[:, None],
+                                    networks.manifold_distance(net, th)[:, None],
+                                    th.norm(dim=-1)[:, None]], -1)
+    full = solve(term, torch.cat([theta0, theta0 + delta]), float(ts[-1]), controller=controller,
+                 saveat=SaveAt(ts, fn=observe), progress=True, desc="full network")
+    L = chain.depth
+    return Trajectories(ts, red.ys[0, :, :L], red.ys[0, :, L], full.ys[:, :, :L], full.ys[:, :, L],
+                        full.ys[:, :, L + 1], full.ys[:, :, L + 2], net, term, theta0)
+
+
+def gradient_row_spread(term: GradientFlow, net: MLP, theta: torch.Tensor, layer: int) -> float:
+    """Row spread of the loss gradient of layer ``layer`` (1-based) relative to its norm: zero
+    when a gradient step keeps that layer's rows identical."""
+    th = theta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(term.loss_fn(th).sum(), th)
+    return (row_spread(net, g)[0, layer - 1] / net.unflatten(g)[layer - 1].norm()).item()
+
+
+def plateau_end(loss: torch.Tensor, fraction: float = 0.01) -> int:
+    """First grid index where the loss has fallen by ``fraction`` of its total drop."""
+    drop = loss[0] - loss.min()
+    return int(torch.nonzero(loss <= loss[0] - fraction * drop)[0, 0])
+
+
+def relative_error(X: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``max_l |X_l - ref_l| / max_l |ref_l|`` at each time (last axis = layers)."""
+    return (X - ref).abs().amax(-1) / ref.abs().amax(-1)
+
+
+def gd_errors(chain: ScalarChain, X0: torch.Tensor, step_sizes, traj: Trajectories, i_p: int):
+    """Gradient descent on the chain for every learning rate in one batch, against the flow:
+    (errors maximised over the grid, errors at grid index ``i_p``, iterates on the grid per rate).
+    Every rate must divide the grid spacing ``ts[1]``."""
+    spacing = traj.ts[1].item()
+    X, _ = gradient_descent_batch(chain.loss, X0, step_sizes, float(traj.ts[-1]))
+    n = traj.ts.numel()
+    on_grid = [X[b, : (n - 1) * round(spacing / eta) + 1 : round(spacing / eta)]
+               for b, eta in enumerate(step_sizes)]
+    worst = [relative_error(Xg, traj.X_red).max().item() for Xg in on_grid]
+    at_p = [relative_error(Xg[i_p], traj.X_red[i_p]).item() for Xg in on_grid]
+    return worst, at_p, on_grid
+
+
+def gd_full_network(traj: Trajectories, step: float) -> torch.Tensor:
+    """Gradient descent on the full network with learning rate ``step``: layer norms (T, L) on
+    the grid (``step`` must equal the grid spacing)."""
+    net = traj.net
+    sol = solve(traj.term, traj.theta0, float(traj.ts[-1]), solver=Euler(), controller=ConstantStep(step),
+                saveat=SaveAt(traj.ts, fn=lambda th: networks.layer_norms(net, th)))
+    return sol.ys[0]
+
+
+def balance_check(chain: ScalarChain, X: torch.Tensor, i_p: int):
+    """On the plateau (grid indices ``<= i_p``): the drift of the imbalances relative to the
+    largest squared scale, the estimate ``|h/beta1| E|g|^(q+1) z_p^(q-1)`` of eq. (ch04-balance)
+    (None for classes A and D), and ``z_p``, the largest rms pre-activation."""
+    act = chain.activation
+    delta = X[:, 1:] ** 2 - X[:, :-1] ** 2
+    drift = ((delta[: i_p + 1] - delta[0]).abs().amax() / (X[: i_p + 1] ** 2).amax()).item()
+    z_p = max(_preactivation_rms(chain, X[i]).max().item() for i in range(i_p + 1))
+    if act.cls not in ("B", "C"):
+        return drift, None, z_p
+    moment = float((chain.g.abs() ** (act.q + 1)) @ chain.w)
+    return drift, abs(act.h_sigma / act.beta1) * moment * z_p ** (act.q - 1), z_p
+
+
+def _preactivation_rms(chain: ScalarChain, X: torch.Tensor) -> torch.Tensor:
+    """rms over g of the pre-activations z_1, ..., z_{L-1} of the chain at scales ``X`` (L,)."""
+    z, out = X[0] * chain.g / math.sqrt(chain.width), []
+    for l in range(1, chain.depth):
+        out.append(torch.sqrt((z ** 2) @ chain.w))
+        z = X[l] * chain.activation.fn(z)
+    return torch.stack(out)

@@ -510,9 +510,23 @@ PRESENTATION_CALLS = re.compile(r"\brun\.(figure|table|finish)\(")
 
 
 def is_presentation_cell(cell) -> bool:
-    """A code cell that draws a figure or shows a table: its code is collapsed on the page (the
-    output stays). A chapter keeps such a cell's code open with the tag ``show-input``."""
-    return cell.get("cell_type") == "code" and bool(PRESENTATION_CALLS.search(cell.get("source", "")))
+    """A code cell that draws a figure or shows a table, or only glues values for the prose and
+    records claims (the "Claims checked" table shows them): its code is collapsed on the page,
+    the output stays. A chapter keeps such a cell's code open with the tag ``show-input``."""
+    if cell.get("cell_type") != "code":
+        return False
+    source = cell.get("source", "")
+    if PRESENTATION_CALLS.search(source):
+        return True
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return False
+    return bool(body) and all(
+        isinstance(st, ast.Expr) and isinstance(st.value, ast.Call)
+        and isinstance(st.value.func, ast.Attribute) and st.value.func.attr in ("glue", "claim")
+        and isinstance(st.value.func.value, ast.Name) and st.value.func.value.id == "run"
+        for st in body)
 
 
 def _is_provenance(output) -> bool:

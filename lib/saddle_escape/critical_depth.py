@@ -67,7 +67,9 @@ class ChainFlow(GradientFlow):
             zs.append(X[:, l:l + 1] * us[-1])
             us.append(sigma(zs[-1]))
         yhat = rootN * X[:, -1:] * us[-1]
-        delta = (yhat - c.y[None, :]) * c.w[None, :]
+        resid = yhat - c.y[None, :]
+        delta = resid * c.w[None, :]
+        self._pending_loss = 0.5 * (resid * delta).sum(-1)   # the MSE loss, free: events reuse it
         grad = torch.empty_like(X)
         grad[:, -1] = rootN * (delta * us[-1]).sum(-1)
         G = delta * (rootN * X[:, -1:])

@@ -49,11 +49,9 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-# One torch thread for every method, as in the book (saddle_escape.book): on these tiny tensors
-# thread start-up costs more than it saves. SADDLE_ESCAPE_THREADS overrides it here too.
-torch.set_num_threads(int(os.environ.get("SADDLE_ESCAPE_THREADS", "1")))
 
 from saddle_escape import data, escape, networks, reduced
+from saddle_escape.book import set_torch_threads
 from saddle_escape.integrate import Event, GradientFlow, PIController, solve
 
 try:
@@ -99,7 +97,7 @@ def network_problem(width=64, d=32, n=2048, depth=5, r=3, eps=0.03, seed=0):
     ds = data.single_index_samples(teacher, n, d, seed=seed)
     net = networks.MLP.build(d, width, depth, "tanh")
     term = GradientFlow(networks.population_loss(net, ds))
-    theta0 = networks.he_normal(net, [seed], eps=eps, bottleneck=range(depth - r + 1, depth + 1))
+    theta0 = networks.he_normal(net, [seed], eps=eps, bottleneck=reduced.bottleneck_layers(depth, r))
     thr = 0.5 * term.loss(theta0)
     prob = Problem(f"network N={width} d={d} n={n} L={depth} r={r}", term, theta0, thr, [f"eps={eps:g}"], 1e7)
     prob.eps = np.asarray([eps])
@@ -360,6 +358,7 @@ def main(argv=None):
     if args.smoke:
         args.sgd_max_seconds, args.sgd_timing_steps, args.repeats = 0.5, 50, 1
         args.ladder = [1e-2, 1e-4, 1e-6]
+    set_torch_threads()   # one thread for every method, as in the book
     torch.manual_seed(0)
     print(f"escape-time benchmark: torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{platform.machine()}, float64, CPU. Wall times are best of {args.repeats} and depend on the "

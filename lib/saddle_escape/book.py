@@ -31,6 +31,7 @@ parameter leaves no results JSON behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import params as P
-from .provenance import environment
+from . import provenance
 
 CLAIM_KINDS = ("abs", "rel", "max", "min", "equal")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -259,9 +260,9 @@ class ChapterRun:
         else:
             tolerance = P.check_nonnegative("tolerance", 0.0 if tolerance is None else tolerance)
             passed = _compare(key, measured, expected, tolerance, kind)
-        claim = dict(key=key, statement=str(statement), measured=measured, expected=expected,
-                     tolerance=tolerance, passed=bool(passed), kind=kind)
-        self.claims.append(claim)
+        self.claims.append(dict(key=key, statement=str(statement), measured=measured,
+                                expected=expected, tolerance=tolerance, passed=bool(passed),
+                                kind=kind))
         return bool(passed)
 
     # ------------------------------------------------------------------ figures
@@ -296,6 +297,11 @@ class ChapterRun:
                                  command=self.command))
         return _Silent(png)
 
+    @functools.cached_property
+    def environment(self) -> dict:
+        """Versions, git commit, device and dtype of this run (computed once: it asks git)."""
+        return provenance.environment(self.device, self.dtype)
+
     @property
     def command(self) -> str:
         """The shell command that regenerates this run (set by the pipeline; outside it, the
@@ -306,7 +312,7 @@ class ChapterRun:
         """The line shown under every figure: command, seed, versions, commit, device, and
         (folded) every parameter of the run."""
         from html import escape
-        env = environment(self.device, self.dtype)
+        env = self.environment
         commit = env["git_commit"][:10]
         params = ", ".join(f"{k} = {v!r}" for k, v in self.parameters.items()
                            if k not in ("results_dir", "figures_dir"))
@@ -350,7 +356,7 @@ class ChapterRun:
         return {
             "chapter": self.chapter,
             "parameters": to_jsonable(self.parameters),
-            "environment": environment(self.device, self.dtype),
+            "environment": self.environment,
             "wall_time_s": round(time.perf_counter() - self._t0, 3),
             "claims": list(self.claims),
             "figures": list(self.figures),
@@ -443,7 +449,17 @@ def _seed_everything(seed: int) -> None:
     except ImportError:
         return
     torch.manual_seed(seed)
-    # The book's tensors are tiny (a few hundred numbers per run): thread start-up costs more than
-    # it saves, and on a shared 2-core machine extra threads were measured up to 100x slower.
-    # SADDLE_ESCAPE_THREADS overrides this for readers pushing to large widths.
-    torch.set_num_threads(int(os.environ.get("SADDLE_ESCAPE_THREADS", "1")))
+    set_torch_threads()
+
+
+def set_torch_threads() -> int:
+    """Give torch ``SADDLE_ESCAPE_THREADS`` threads (default 1) and return the number.
+
+    The book's tensors are tiny (a few hundred numbers per run): thread start-up costs more than
+    it saves, and on a shared 2-core machine extra threads were measured up to 100x slower.
+    Readers pushing to large widths raise it. Chapters, the tests and the benchmark all use this.
+    """
+    import torch
+    n = int(os.environ.get("SADDLE_ESCAPE_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n

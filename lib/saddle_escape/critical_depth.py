@@ -55,10 +55,10 @@ class ChainFlow(GradientFlow):
         if chain.loss_name != "mse":
             raise ParameterError("loss", chain.loss_name, "ChainFlow is written for 'mse'")
         self.chain = chain
-        super().__init__(chain.loss)
-        self.f = self._analytic
+        super().__init__(chain.loss, neg_grad_and_loss=self._analytic)
 
-    def _analytic(self, t, X):
+    def _analytic(self, X):
+        """``(-grad L, L)``; the MSE loss comes free with the residuals, so events reuse it."""
         c = self.chain
         sigma, dsigma = c.activation.fn, c.activation.dfn
         rootN = math.sqrt(c.width)
@@ -69,7 +69,6 @@ class ChainFlow(GradientFlow):
         yhat = rootN * X[:, -1:] * us[-1]
         resid = yhat - c.y[None, :]
         delta = resid * c.w[None, :]
-        self._pending_loss = 0.5 * (resid * delta).sum(-1)   # the MSE loss, free: events reuse it
         grad = torch.empty_like(X)
         grad[:, -1] = rootN * (delta * us[-1]).sum(-1)
         G = delta * (rootN * X[:, -1:])
@@ -77,7 +76,7 @@ class ChainFlow(GradientFlow):
             gz = G * dsigma(zs[l])
             grad[:, l] = (gz * us[l]).sum(-1)
             G = gz * X[:, l:l + 1]
-        return -grad
+        return -grad, 0.5 * (resid * delta).sum(-1)
 
 
 def bottleneck_norm(r: int):
@@ -174,7 +173,6 @@ def sweep(activation, r: int, depth: int, eps, teacher: ScalarTeacher, big: floa
     start = time.perf_counter()
     chain = ScalarChain(activation, depth, teacher, n_nodes=n_nodes)
     term = ChainFlow(chain)
-    evals0 = term.run_evals
     nf = bottleneck_norm(r)
     a = leading_rate(chain, r, big)
     if not a > 0:
@@ -206,16 +204,10 @@ def sweep(activation, r: int, depth: int, eps, teacher: ScalarTeacher, big: floa
         X1[idx] = s1.y_final
         going[idx] = reached & (goal < handoff)
     # the escape, clock restarted; thresholds from the original L(0)
-    events = escape.escape_events(term, X0, ref, nf)
-    L0 = term.loss(X0)
-    past = L0 + 0.9 * (ref.loss - L0)
-    target = 0.5 * ref.norm
-    events.append(Event(lambda t, y, runs: torch.maximum(term.loss(y) - past[runs], target - nf(y)),
-                        -1, terminal=True, name="stop"))
     left = torch.clamp(t_max_t - t1, min=1e-12)
-    s2 = solve(term, X1, left, controller=ctrl, events=events)
-    times = (s2.event_times[:, :2] + t1[:, None]).numpy()
-    return Sweep(r, depth, eps, times, t_max, a, ref, term.run_evals - evals0,
+    res = escape.escape_times(term, X1, left, ref, nf, rtol=rtol, atol=atol, origin=X0)
+    times = (res.times + t1[:, None]).numpy()
+    return Sweep(r, depth, eps, times, t_max, a, ref, term.run_evals,
                  time.perf_counter() - start)
 
 

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .data import Dataset
+from .integrate import ConstantStep, Euler, Event, GradientFlow, PIController, SaveAt, solve
 from .networks import MLP, population_loss
 
 
@@ -130,7 +131,7 @@ def leading_order_time(s: float, u0: float, depth: int = 2) -> float:
     return u0 ** (-(1 - 2 / depth)) / (s * (depth - 2))
 
 
-def observables(net: MLP, data: Dataset, U: torch.Tensor, V: torch.Tensor,
+def observables(net: MLP, U: torch.Tensor, V: torch.Tensor,
                 loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """A ``SaveAt`` function: ``[loss, mode strengths (K), Delta_l (L-1), M_l flattened ...]``.
 
@@ -176,12 +177,10 @@ def simulate(net: MLP, data: Dataset, theta0: torch.Tensor, U: torch.Tensor, V: 
     (list of (T, N, N)), ``theta_sq`` (T,) = ``||theta||^2``; the located times ``plateau_times``
     (K,) at which each mode strength first reaches ``s_k / 2`` (inf if never), and the step count.
     """
-    from .integrate import ConstantStep, Euler, Event, GradientFlow, PIController, SaveAt, solve
-
     loss_fn = population_loss(net, data)
     term = GradientFlow(loss_fn)
     K = U.shape[1]
-    base = observables(net, data, U, V, loss_fn)
+    base = observables(net, U, V, loss_fn)
     fn = lambda th: torch.cat([base(th), th.pow(2).sum(-1, keepdim=True)], -1)
     events = [Event((lambda k: lambda t, y, runs: mode_strengths(net, y, U, V)[:, k] - s[k] / 2)(k),
                     direction=1, terminal=False, name=f"mode{k + 1}") for k in range(K)]

@@ -97,16 +97,20 @@ class EscapeResult:
 
 def escape_times(term: GradientFlow, theta0: torch.Tensor, t_max: float, ref: Reference, norm_fn: Callable,
                  definitions: Sequence[str] = DEFINITIONS, rtol: float = 1e-9, atol: float = 1e-14,
-                 norm_fraction: float = 0.5, stop_after: bool = True, progress: bool = False) -> EscapeResult:
+                 norm_fraction: float = 0.5, stop_after: bool = True, progress: bool = False,
+                 origin: torch.Tensor | None = None) -> EscapeResult:
     """Escape times of all runs in ``theta0`` (B, P) in one batched integration.
 
     With ``stop_after`` a run stops once the loss is 90% of the way down to ``L_ref`` and the
     norm is past its threshold -- after every definition has fired. Runs that never escape are
-    integrated to ``t_max`` and come back censored (``inf``).
+    integrated to ``t_max`` and come back censored (``inf``). ``origin`` (default ``theta0``) is
+    the initial state the loss thresholds refer to: a run resumed part-way (its clock restarted)
+    keeps the thresholds of where it began.
     """
-    events = escape_events(term, theta0, ref, norm_fn, definitions, norm_fraction)
+    origin = theta0 if origin is None else origin
+    events = escape_events(term, origin, ref, norm_fn, definitions, norm_fraction)
     if stop_after:
-        L0 = term.loss(theta0)
+        L0 = term.loss(origin)
         past = L0 + 0.9 * (ref.loss - L0)
         target = norm_fraction * ref.norm
         events.append(Event(lambda t, y, runs: torch.maximum(term.loss(y) - past[runs], target - norm_fn(y)),

@@ -53,21 +53,23 @@ class GradientFlow(ODETerm):
     same tensor (unchanged since) returns the stored values without recomputing them -- the
     integrator's last stage is the step's end point, so event functions that need ``L`` or
     ``grad L`` there cost nothing.
+
+    ``neg_grad_and_loss`` (theta -> (-grad L, L)) replaces autograd, e.g. by a hand-written
+    backward pass for a model whose tensors are too small for autograd's overhead to pay.
     """
 
-    def __init__(self, loss_fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], neg_grad_and_loss=None):
         self.loss_fn = loss_fn
-        self._last = None     # (theta, its version, -grad L, L or None)
+        self._neg_grad_and_loss = neg_grad_and_loss or self._autograd
+        self._last = None     # (theta, its version, -grad L, L)
         super().__init__(self._neg_grad)
 
     def __call__(self, t, y):
         hit = self._lookup(y)
         if hit is not None:
             return hit[0].clone()
-        self._pending_loss = None
         out = super().__call__(t, y)
         self._last = (y, _version(y), out.detach().clone(), self._pending_loss)
-        self._pending_loss = None
         return out
 
     def _lookup(self, y):
@@ -77,16 +79,19 @@ class GradientFlow(ODETerm):
         return None
 
     def _neg_grad(self, t, theta):
+        neg_grad, self._pending_loss = self._neg_grad_and_loss(theta)
+        return neg_grad
+
+    def _autograd(self, theta):
         with torch.enable_grad():
             theta = theta.detach().requires_grad_(True)
             L = self.loss_fn(theta)
             (g,) = torch.autograd.grad(L.sum(), theta)
-        self._pending_loss = L.detach()
-        return -g
+        return -g, L.detach()
 
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
         hit = self._lookup(theta)
-        if hit is not None and hit[1] is not None:
+        if hit is not None:
             return hit[1].clone()
         with torch.no_grad():
             return self.loss_fn(theta)
@@ -97,6 +102,20 @@ def _version(y):
         return y._version
     except Exception:   # e.g. inference tensors have no version counter: never cached
         return None
+
+
+def last_value_cache(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` remembering its last result: asked again for the very same tensor, unchanged since
+    (several events evaluating one observable at one state), it returns the stored value."""
+    memo = {"y": None, "version": None, "value": None}
+
+    def cached(y):
+        # hold the tensor itself, so its identity cannot be recycled while it is the key
+        version = _version(y)
+        if version is None or memo["y"] is not y or memo["version"] != version:
+            memo.update(y=y, version=version, value=fn(y))
+        return memo["value"]
+    return cached
 
 
 # ------------------------------------------------------------------ solvers
@@ -435,22 +454,17 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
         if saver is not None:
             saver.save(dense, idx, ta, ha, t_end, accept)
 
-        # commit accepted steps
+        # commit accepted steps (in place: the whole batch, or the active rows)
         acc = accept[:, None]
-        h_prop = controller.propose(ha, errn, err_prev if full else err_prev[idx], solver.order)
-        if full:
-            err_new = torch.where(accept, errn.clamp_min(1e-4), err_prev)
-            t.copy_(torch.where(accept, t_end, t))
-            y.copy_(torch.where(acc, y_end, y))
-            f.copy_(torch.where(acc, f1, f))
-            h.copy_(h_prop)
-            err_prev.copy_(err_new)
-        else:
-            t.index_copy_(0, idx, torch.where(accept, t_end, ta))
-            y.index_copy_(0, idx, torch.where(acc, y_end, ya))
-            f.index_copy_(0, idx, torch.where(acc, f1, fa))
-            h.index_copy_(0, idx, h_prop)
-            err_prev.index_copy_(0, idx, torch.where(accept, errn.clamp_min(1e-4), err_prev[idx]))
+        err_prev_a = err_prev if full else err_prev[idx]
+        h_prop = controller.propose(ha, errn, err_prev_a, solver.order)
+        for dst, val in ((t, torch.where(accept, t_end, ta)), (y, torch.where(acc, y_end, ya)),
+                         (f, torch.where(acc, f1, fa)), (h, h_prop),
+                         (err_prev, torch.where(accept, errn.clamp_min(1e-4), err_prev_a))):
+            if full:
+                dst.copy_(val)
+            else:
+                dst.index_copy_(0, idx, val)
         if stop_here is not None:
             stopped[idx[stop_here]] = True
         active = (~stopped) & (t < t1_stop)

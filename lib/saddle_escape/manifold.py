@@ -164,8 +164,7 @@ def full_vs_reduced(chain: ScalarChain, X0: torch.Tensor, input_dim: int, ts: to
 def gradient_row_spread(term: GradientFlow, net: MLP, theta: torch.Tensor, layer: int) -> float:
     """Row spread of the loss gradient of layer ``layer`` (1-based) relative to its norm: zero
     when a gradient step keeps that layer's rows identical."""
-    th = theta.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(term.loss_fn(th).sum(), th)
+    g = term(0.0, theta)   # -grad L: the sign does not change either norm
     return (row_spread(net, g)[0, layer - 1] / net.unflatten(g)[layer - 1].norm()).item()
 
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .data import DTYPE, Dataset
-from .networks import MLP, population_loss
+from .imbalance import loss_gradient
+from .networks import MLP
 from .params import ParameterError
 
 
@@ -68,9 +69,7 @@ def moment_velocity(net: MLP, data: Dataset, theta: torch.Tensor, K: int):
     """Moments ``[M_j]`` and their time derivatives ``[dM_j/dt]`` (j = 1..K) under gradient
     flow at ``theta`` (1, P): ``dtheta/dt = -grad L`` by autograd, pushed through the moment map
     by a forward-mode JVP (exact)."""
-    loss = population_loss(net, data)
-    p = theta.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss(p).sum(), p)
+    grad = loss_gradient(net, data, "mse", theta)
 
     def moments(t):
         return tuple(row_moments(units(net, t)[0], K))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .data import DTYPE, Dataset, gauss_hermite
+from .imbalance import loss_gradient
 from .networks import MLP, population_loss
 from .params import ParameterError
 
@@ -191,9 +192,7 @@ def saddle_spectrum(teacher: ModeTeacher, stage: int, n_nodes: int) -> SaddleSpe
     data = mode_data(teacher, n_nodes)
     theta = stage_saddle(teacher, stage)
     H = loss_hessian(net, data, theta)
-    loss = population_loss(net, data)
-    p = theta.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss(p).sum(), p)
+    grad = loss_gradient(net, data, "mse", theta)
 
     def tops(pairs):
         return np.array([float(-torch.linalg.eigvalsh(H[idx][:, idx])[0]) for _, _, idx in pairs])

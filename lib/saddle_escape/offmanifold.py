@@ -2,8 +2,8 @@
 
 The chapter's experiment in three calls:
 
-* :func:`bottleneck_layers` -- which layers are the bottleneck (the last ``r``, as in
-  :func:`saddle_escape.reduced.bottleneck_scales`);
+* :func:`~saddle_escape.reduced.bottleneck_layers` -- which layers are the bottleneck (the last
+  ``r``, as in :func:`~saddle_escape.reduced.bottleneck_scales`);
 * :func:`pilot_loss_reference` -- the loss the escape reaches, from one pilot run stopped a fixed
   multiple of its drop time after the drop (full-width nets on Monte-Carlo data keep learning
   slowly after the escape, so waiting for the loss to *settle* costs far more than it tells);
@@ -23,18 +23,12 @@ import numpy as np
 import torch
 
 from .data import Dataset
-from .integrate import Event, GradientFlow, PIController, SaveAt, solve
+from .integrate import Event, GradientFlow, PIController, SaveAt, last_value_cache, solve
 from .networks import MLP, manifold_distance
 from .params import ParameterError
+from .reduced import bottleneck_layers
 
 OBSERVABLES = ("loss", "gamma", "gamma_rate", "distance", "norm")
-
-
-def bottleneck_layers(depth: int, r: int) -> tuple:
-    """The last ``r`` layers (1-based), the bottleneck of the chapter's networks."""
-    if int(r) != r or not 1 <= r <= depth:
-        raise ParameterError("r", r, f"must be an integer in 1..depth = {depth}")
-    return tuple(range(depth - r + 1, depth + 1))
 
 
 def signal_energy(net: MLP, data: Dataset, theta: torch.Tensor) -> torch.Tensor:
@@ -84,20 +78,9 @@ def pilot_loss_reference(term: GradientFlow, theta0: torch.Tensor, t_max: float,
     return term.loss(sol.y_final).item()
 
 
-def _last_value_cache(fn):
-    memo = {}
-
-    def cached(y):
-        # hold the tensor itself, so its identity cannot be recycled while it is the key
-        if memo.get("y") is not y or memo.get("version") != y._version:
-            memo["y"], memo["version"], memo["value"] = y, y._version, fn(y)
-        return memo["value"]
-    return cached
-
-
 @dataclass
 class Sweep:
-    """Escape times (B,) (``inf`` = censored) and observables (B, T, 4) on the grid ``ts``."""
+    """Escape times (B,) (``inf`` = censored) and :data:`OBSERVABLES` (B, T, 5) on the grid ``ts``."""
 
     times: np.ndarray
     ts: np.ndarray
@@ -111,48 +94,36 @@ class Sweep:
         return ~np.isfinite(self.times)
 
 
-def escape_sweep(term: GradientFlow, theta0: torch.Tensor, loss_ref: float, t_max: float, obs_fn=None,
-                 n_save: int = 120, t_min_save: float = 1e-2, rtol: float = 1e-7,
-                 atol: float = 1e-12, gamma_fn=None, gamma_factors=()) -> Sweep:
+def escape_sweep(term: GradientFlow, theta0: torch.Tensor, loss_ref: float, t_max: float, obs_fn,
+                 gamma_fn, gamma_factors=(), n_save: int = 120, t_min_save: float = 1e-2,
+                 rtol: float = 1e-7, atol: float = 1e-12) -> Sweep:
     """All runs of ``theta0`` (B, P) in one integration; each stops at its escape: the loss crossing
-    ``(L(0) + loss_ref) / 2``. ``obs_fn`` (e.g. :func:`observables`) is saved at t = 0 and on a
-    log grid from ``t_min_save`` to ``t_max``. With ``gamma_fn`` (theta -> (B,)) the state is also
-    caught, by events, where gamma first reaches ``gamma(0) * factor`` for each of ``gamma_factors``
-    -- the escape of a deep bottleneck is too abrupt in time for any fixed time grid to resolve --
-    and ``obs_fn`` evaluated there is returned as ``level_obs``."""
+    ``(L(0) + loss_ref) / 2``. ``obs_fn`` (theta -> (B, len(OBSERVABLES)), e.g.
+    :func:`observables`) is saved at t = 0 and on a log grid from ``t_min_save`` to ``t_max``.
+    The state is also caught, by events, where ``gamma_fn`` (theta -> (B,)) first reaches
+    ``gamma(0) * factor`` for each of ``gamma_factors`` -- the escape of a deep bottleneck is too
+    abrupt in time for any fixed time grid to resolve -- and ``obs_fn`` there is ``level_obs``."""
     half = 0.5 * (term.loss(theta0) + loss_ref)
-    events = []
-    if gamma_fn is not None:
-        gamma_fn = _last_value_cache(gamma_fn)   # every level's event asks for gamma of the same state
-        g0 = gamma_fn(theta0)
-        for c in gamma_factors:
-            events.append(Event(lambda t, y, runs, c=c: math.log(c) + torch.log(g0[runs]) - torch.log(gamma_fn(y)),
-                                -1, terminal=False, name=f"gamma x{c:g}"))
-    ev = Event(lambda t, y, runs: term.loss(y) - half[runs], -1, terminal=True, name="loss")
-    events.append(ev)
-    saveat = None
-    if obs_fn is not None:
-        ts = torch.cat([torch.zeros(1, dtype=theta0.dtype),
-                        torch.logspace(math.log10(t_min_save), math.log10(t_max), n_save, dtype=theta0.dtype)])
-        saveat = SaveAt(ts, fn=obs_fn)
-    sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol), events=events, saveat=saveat)
-    times = sol.event_times[:, -1].cpu().numpy()
-    level_obs = None
-    if gamma_fn is not None and obs_fn is not None and len(gamma_factors):
-        level_obs = np.full((theta0.shape[0], len(gamma_factors), 5), np.nan)
-        for k in range(len(gamma_factors)):
-            hit = torch.isfinite(sol.event_times[:, k])
-            if hit.any():
-                level_obs[hit.cpu().numpy(), k] = obs_fn(sol.event_states[k][hit]).cpu().numpy()
-    escape_obs = None
-    if obs_fn is not None:
-        escape_obs = np.full((theta0.shape[0], 5), np.nan)
-        hit = torch.isfinite(sol.event_times[:, -1])
+    gamma_fn = last_value_cache(gamma_fn)   # every level's event asks for gamma of the same state
+    g0 = gamma_fn(theta0)
+    events = [Event(lambda t, y, runs, c=c: math.log(c) + torch.log(g0[runs]) - torch.log(gamma_fn(y)),
+                    -1, terminal=False, name=f"gamma x{c:g}") for c in gamma_factors]
+    events.append(Event(lambda t, y, runs: term.loss(y) - half[runs], -1, terminal=True, name="loss"))
+    ts = torch.cat([torch.zeros(1, dtype=theta0.dtype),
+                    torch.logspace(math.log10(t_min_save), math.log10(t_max), n_save, dtype=theta0.dtype)])
+    sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol), events=events,
+                saveat=SaveAt(ts, fn=obs_fn))
+
+    def at_events(k):  # obs_fn at the states where event k fired (NaN where it did not)
+        out = np.full((theta0.shape[0], len(OBSERVABLES)), np.nan)
+        hit = torch.isfinite(sol.event_times[:, k])
         if hit.any():
-            escape_obs[hit.cpu().numpy()] = obs_fn(sol.event_states[-1][hit]).cpu().numpy()
-    if saveat is None:
-        return Sweep(times, np.zeros(0), np.zeros((len(times), 0, 0)), sol, level_obs, escape_obs)
-    return Sweep(times, sol.ts.cpu().numpy(), sol.ys.cpu().numpy(), sol, level_obs, escape_obs)
+            out[hit.cpu().numpy()] = obs_fn(sol.event_states[k][hit]).cpu().numpy()
+        return out
+
+    level_obs = np.stack([at_events(k) for k in range(len(gamma_factors))], 1) if len(gamma_factors) else None
+    return Sweep(sol.event_times[:, -1].cpu().numpy(), sol.ts.cpu().numpy(), sol.ys.cpu().numpy(), sol,
+                 level_obs, at_events(-1))
 
 
 def log_derivative_exponent(gamma, rate, lo, hi):
@@ -224,8 +195,8 @@ def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps
     S = np.array([s for s in seeds for _ in eps_values])
     E = np.array([e for _ in seeds for e in eps_values], dtype=float)
     theta0 = he_normal(net, S.tolist(), eps=torch.as_tensor(E), bottleneck=layers)
-    sweep = escape_sweep(term, theta0, loss_ref, t_max, observables(net, data, layers, loss_fn), n_save=n_save,
-                         rtol=rtol, gamma_fn=lambda y: signal_energy(net, data, y), gamma_factors=gamma_factors)
+    sweep = escape_sweep(term, theta0, loss_ref, t_max, observables(net, data, layers, loss_fn),
+                         lambda y: signal_energy(net, data, y), gamma_factors, n_save=n_save, rtol=rtol)
     return Experiment(r, layers, S, E, loss_ref, sweep)
 
 

@@ -71,17 +71,23 @@ class ScalarChain:
         return symmetric_weights(net, X, direction(input_dim))
 
 
+def bottleneck_layers(depth: int, r: int) -> tuple:
+    """The last ``r`` of ``depth`` layers (1-based): the default bottleneck."""
+    if int(r) != r or not 1 <= r <= depth:
+        raise ParameterError("r", r, f"must be an integer in 1..L = {depth}")
+    return tuple(range(depth - r + 1, depth + 1))
+
+
 def bottleneck_scales(depth: int, r: int, eps, big: float = 1.0, layers=None) -> torch.Tensor:
     """Initial layer scales (B, L): ``r`` bottleneck layers at each ``eps``, the rest at ``big``.
 
     By default the bottleneck is the last ``r`` layers; ``layers`` (1-based) chooses others.
     """
-    if int(r) != r or not 1 <= r <= depth:
-        raise ParameterError("r", r, f"must be an integer in 1..L = {depth}")
+    default = list(bottleneck_layers(depth, r))
     eps = torch.as_tensor(eps, dtype=DTYPE).reshape(-1)
     if torch.any(eps <= 0):
         raise ParameterError("eps", eps.tolist(), "must be > 0")
-    layers = list(range(depth - r + 1, depth + 1)) if layers is None else list(layers)
+    layers = default if layers is None else list(layers)
     if len(layers) != r or not all(1 <= l <= depth for l in layers):
         raise ParameterError("layers", layers, f"must be {r} distinct layer indices in 1..{depth}")
     X = torch.full((eps.numel(), depth), float(big), dtype=DTYPE)

@@ -299,7 +299,7 @@ class ChapterRun:
 
     @functools.cached_property
     def environment(self) -> dict:
-        """Versions, git commit, device and dtype of this run (computed once: it asks git)."""
+        """The versions, git commit, device and dtype of this run, computed once (it asks git)."""
         return provenance.environment(self.device, self.dtype)
 
     @property

@@ -80,7 +80,7 @@ def pilot_loss_reference(term: GradientFlow, theta0: torch.Tensor, t_max: float,
 
 @dataclass
 class Sweep:
-    """Escape times (B,) (``inf`` = censored) and :data:`OBSERVABLES` (B, T, 5) on the grid ``ts``."""
+    """Escape times (B,) (``inf`` = censored) and the ``OBSERVABLES`` (B, T, 5) on the grid ``ts``."""
 
     times: np.ndarray
     ts: np.ndarray

@@ -16,9 +16,11 @@ Two problems, each solved by
 Every method calls the same vector field, the package's GradientFlow of the same loss (so this
 compares integrators, not gradients). The escape time is the first time the loss crosses halfway
 between its initial value and the post-escape value (for the chain: the value a pilot run settles
-at, escape.post_escape_reference; for the full network: 0, i.e. L = L(0)/2). Adaptive methods
-(b)-(d) all run at the same tolerances, rtol = 1e-6 and atol = 1e-12 (all three are
-Dormand-Prince 5(4) with the same RMS error norm, so the comparison is like for like). The t_esc
+at, escape.post_escape_reference; for the full network: 0, i.e. L = L(0)/2). The adaptive
+methods (b)-(d) are all Dormand-Prince 5(4) with the same RMS error norm and atol = 1e-12; they
+differ in step-size control (the package adds a predictive controller) and in batching. Two
+tables: all at rtol = 1e-6, and each at its own fastest rtol on a ladder that meets 1e-3
+relative t_esc error (the SPEC's accuracy target; the headline speedups use this one). The t_esc
 error is relative to a tight reference: the package at rtol = 1e-10 (cross-checked against scipy's
 DOP853 at rtol = 1e-12 on the sweep). Gradient descent runs to the escape when that takes at most
 --sgd-max-steps steps; otherwise its time per step is measured on a bounded run and extrapolated
@@ -229,13 +231,24 @@ def run_sgd(prob, lr, t_ref, max_seconds, timing_steps):
     return rows
 
 
-def loosest_tolerance(method, prob, t_ref, target, ladder):
-    """The loosest rtol on ``ladder`` (loose to tight) at which ``method`` meets ``target``."""
+def fastest_tolerance(method, prob, t_ref, target, ladder, repeats):
+    """The run of ``method`` at its fastest rtol on ``ladder`` (loose to tight) among those meeting
+    ``target``: each passing rtol is timed (best of ``repeats``) until one takes more than twice
+    the fastest so far -- tighter tolerances only cost more from there. Not simply the loosest
+    passing rtol: a loose tolerance lets the steps overshoot the escape and pay in rejections."""
+    best = None
     for rtol in ladder:
-        r = method(prob, rtol=rtol)
-        if relerr(r["t"], t_ref).max() <= target:
-            return rtol
-    return ladder[-1]
+        if relerr(method(prob, rtol=rtol)["t"], t_ref).max() > target:
+            continue
+        r = best_of(repeats, lambda: method(prob, rtol=rtol))
+        r["rtol"] = rtol
+        if best is None or r["seconds"] < best["seconds"]:
+            best = r
+        elif r["seconds"] > 2 * best["seconds"]:
+            break
+    if best is None:
+        raise RuntimeError(f"{method.__name__} missed the {target:g} t_esc error target at every rtol on {ladder}")
+    return best
 
 
 def best_of(n, fn):
@@ -281,12 +294,10 @@ def bench_problem(prob, args, out, crosscheck=False):
         res = {}
         for name, fn in methods.items():
             if policy == "tuned":
-                rtol = loosest_tolerance(fn, prob, t_ref, args.target, args.ladder)
+                res[name] = fastest_tolerance(fn, prob, t_ref, args.target, args.ladder, args.repeats)
             else:
-                rtol = RTOL
-            r = best_of(args.repeats, lambda: fn(prob, rtol=rtol))
-            r["rtol"] = rtol
-            res[name] = r
+                res[name] = best_of(args.repeats, lambda: fn(prob, rtol=RTOL))
+                res[name]["rtol"] = RTOL
         tables[policy] = res
 
     sgd = run_sgd(prob, lr, t_ref, args.sgd_max_seconds, args.sgd_timing_steps)
@@ -308,7 +319,7 @@ def bench_problem(prob, args, out, crosscheck=False):
     for policy, res in tables.items():
         res["(a) torch GD loop"] = gd
         res["(a') GD, accuracy-matched"] = acc
-        title = ("each adaptive method at the loosest rtol on the ladder meeting "
+        title = ("each adaptive method at its fastest rtol on the ladder meeting "
                  f"{args.target:g} relative t_esc error" if policy == "tuned" else
                  f"all adaptive methods at rtol = {RTOL:g}, atol = {ATOL:g}")
         print(f"-- {title}")

@@ -74,6 +74,26 @@ def test_tighter_tolerance_is_more_accurate_and_costs_more_steps():
     assert steps[0] < steps[1] < steps[2]
 
 
+@pytest.mark.parametrize("rtol", [1e-4, 1e-6])
+def test_predictive_control_follows_the_escape_without_rejections(rtol):
+    """Approaching an escape the time scale shrinks geometrically (ydot = y^3 from 1e-2 ... 1e-4,
+    t_esc up to 5e7). A controller that only reacts to the last error rejects about every other
+    step there; the predictive one follows the trend, at the same accuracy."""
+    y0 = torch.tensor([[1e-2], [1e-3], [1e-4]], dtype=F64)
+    T = (y0[:, 0] ** -2 - 1) / 2
+    hit_one = [Event(lambda t, y, runs: 1.0 - y[:, 0], direction=-1)]
+    out = {}
+    for predictive in (True, False):
+        sol = solve(_power_term(4), y0, 1e12, events=hit_one,
+                    controller=PIController(rtol=rtol, atol=1e-14, predictive=predictive))
+        assert ((sol.event_times[:, 0] - T) / T).abs().max() <= 10 * rtol
+        out[predictive] = sol
+    pred, plain = out[True], out[False]
+    assert (pred.n_rejected <= 0.05 * pred.n_steps).all()
+    assert (plain.n_rejected >= 0.25 * plain.n_steps).all()
+    assert (pred.n_steps < plain.n_steps).all()
+
+
 def test_saveat_fn_and_runs_stop_at_their_own_events():
     term = _power_term(3)
     T = _hit_time(3, Y0[:, 0], THRESHOLD)

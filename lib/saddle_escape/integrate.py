@@ -7,7 +7,8 @@ call. The pieces are swappable:
 
 * solvers: :class:`Dopri5` (Dormand--Prince 5(4), FSAL, 4th-order dense output) and
   :class:`Euler` (fixed-step explicit Euler, i.e. plain gradient descent on a gradient term);
-* step control: :class:`PIController` (error per unit step, PI gain) or :class:`ConstantStep`;
+* step control: :class:`PIController` (PI gain plus Gustafsson's predictive step, which follows the
+  geometric shrinking of time scales on the way into an escape) or :class:`ConstantStep`;
 * :class:`Event` -- located to round-off on the dense output, optionally terminal;
 * :class:`SaveAt` -- observables on a requested time grid, from the dense output.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -132,6 +133,10 @@ class _Dense:
             self._coeffs = self._coeffs()
         return self._coeffs
 
+    def rows(self, rows) -> "_Dense":
+        """The interpolant of the runs ``rows`` only."""
+        return _Dense([c[rows] for c in self.coeffs])
+
     def __call__(self, s: torch.Tensor, rows=None) -> torch.Tensor:
         cs = self.coeffs if rows is None else [c[rows] for c in self.coeffs]
         s = s[:, None]
@@ -164,8 +169,8 @@ class Dopri5:
         hc = h[:, None]
         k = [f0]
         for i in range(1, 7):
-            yi = y + hc * _lincomb(self._A[i], k)
-            k.append(term(t + self._C[i] * h, yi))
+            yi = torch.addcmul(y, hc, _lincomb(self._A[i], k))
+            k.append(term(torch.add(t, h, alpha=self._C[i]), yi))
         y1, f1 = yi, k[6]
         err = hc * _lincomb(self._E, k)
 
@@ -181,7 +186,7 @@ def _lincomb(coefs, ks):
     out = None
     for a, kj in zip(coefs, ks):
         if a != 0.0:
-            out = a * kj if out is None else out + a * kj
+            out = a * kj if out is None else torch.add(out, kj, alpha=a)   # one fused op per term
     return out
 
 
@@ -206,9 +211,36 @@ class Euler:
 
 # ------------------------------------------------------------------ step control
 
+class StepHistory(NamedTuple):
+    """What a step-size controller remembers of each run: the error norm and size of its last
+    accepted step, and whether its last attempt was rejected."""
+
+    err: torch.Tensor
+    h: torch.Tensor
+    rejected: torch.Tensor
+
+    @classmethod
+    def start(cls, h):
+        # no accepted step yet: err = 1 is neutral for the PI term, h = nan switches prediction off
+        return cls(torch.ones_like(h), torch.full_like(h, math.nan), torch.zeros_like(h, dtype=torch.bool))
+
+    def after(self, accept, h, errn):
+        return StepHistory(torch.where(accept, errn.clamp_min(1e-4), self.err),
+                           torch.where(accept, h, self.h), ~accept)
+
+
 @dataclass
 class PIController:
-    """Adaptive steps from the embedded error: ``||err / (atol + rtol |y|)||_rms <= 1``."""
+    """Adaptive steps from the embedded error: ``||err / (atol + rtol |y|)||_rms <= 1``.
+
+    After an accepted step the new step is the smaller of two proposals: the PI controller's
+    ``safety * err^-beta1 * err_prev^beta2`` and, with ``predictive``, Gustafsson's predictive
+    controller ``safety * err^(-1/k) * (h / h_prev) * (err_prev / err)^(1/k)``, which follows a
+    trend in the step size. That trend is what an escape looks like to the integrator: approaching
+    the escape the time scale shrinks geometrically, and without prediction about every other
+    step is rejected (Gustafsson 1994; Hairer & Wanner, Solving ODEs II, IV.8). As in Hairer's DOPRI5, the step may
+    shrink after an accepted step but may not grow right after a rejected one.
+    """
 
     rtol: float = 1e-8
     atol: float = 1e-12
@@ -219,6 +251,7 @@ class PIController:
     factor_max: float = 10.0
     beta1: float = 0.7 / 5
     beta2: float = 0.4 / 5
+    predictive: bool = True
 
     def __post_init__(self):
         for name in ("rtol", "atol"):
@@ -247,13 +280,17 @@ class PIController:
         scale = self.atol + self.rtol * torch.maximum(y0.abs(), y1.abs())
         return _rms(err / scale)
 
-    def propose(self, h, errn, errn_prev, order):
+    def propose(self, h, errn, history: StepHistory, order):
         e = errn.clamp_min(1e-10)
-        factor = self.safety * e ** (-self.beta1) * errn_prev.clamp_min(1e-10) ** self.beta2
-        factor = torch.where(errn <= 1, factor.clamp(1.0, self.factor_max),
+        factor = self.safety * e ** (-self.beta1) * history.err ** self.beta2
+        if self.predictive:
+            trend = self.safety * (h / history.h) * (history.err / (e * e)) ** (1.0 / order)
+            factor = torch.fmin(factor, trend)     # fmin: no history yet (nan) leaves the PI factor
+        grow = torch.where(history.rejected, 1.0, self.factor_max)
+        factor = torch.where(errn <= 1, torch.minimum(factor.clamp(min=self.factor_min), grow),
                              (self.safety * e ** (-1.0 / order)).clamp(self.factor_min, 0.9))
         factor = torch.nan_to_num(factor, nan=self.factor_min)
-        return (h * factor).clamp(max=self.dt_max)
+        return h * factor if self.dt_max == math.inf else (h * factor).clamp(max=self.dt_max)
 
 
 @dataclass
@@ -273,7 +310,7 @@ class ConstantStep:
     def error_norm(self, err, y0, y1):
         return torch.zeros(y0.shape[0], dtype=y0.dtype, device=y0.device)
 
-    def propose(self, h, errn, errn_prev, order):
+    def propose(self, h, errn, history, order):
         return torch.full_like(h, float(self.dt))
 
 
@@ -366,7 +403,7 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
     f = term(t, y)
     _check_finite(f, torch.arange(B), t, controller)
     h = torch.minimum(controller.initial(term, t, y, f, solver.order), t1)
-    err_prev = torch.ones(B, dtype=dtype, device=device)
+    history = StepHistory.start(h)
     active = torch.ones(B, dtype=torch.bool, device=device)
     ev_t = torch.full((B, len(events)), math.inf, dtype=dtype, device=device)
     ev_y = [torch.full_like(y, math.nan) for _ in events]
@@ -408,7 +445,7 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
         else:
             n_rej.index_add_(0, idx, rejected.long())
         t_new = ta + ha
-        if controller.adaptive:
+        if controller.adaptive and bool(rejected.any()):
             tiny = rejected & (ha <= 1e-13 * torch.clamp(ta.abs(), min=1e-3))
             if tiny.any():
                 b = idx[tiny][0].item()
@@ -433,10 +470,11 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
             crossed = accept & _crossed(g0, g1, ev.direction) & torch.isinf(ev_t[idx, k])
             if crossed.any():
                 rows = crossed.nonzero().squeeze(1)
-                s = _locate(ev.fn, dense, rows, idx[rows], ta[rows], ha[rows], g0[rows], g1[rows])
+                dense_rows = dense.rows(rows)
+                s = _locate(ev.fn, dense_rows, idx[rows], ta[rows], ha[rows], g0[rows], g1[rows])
                 te = ta[rows] + s * ha[rows]
                 ev_t[idx[rows], k] = te
-                ye = dense(s, rows)
+                ye = dense_rows(s)
                 ev_y[k][idx[rows]] = ye
                 if ev.terminal:
                     if stop_here is None:
@@ -456,11 +494,11 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
 
         # commit accepted steps (in place: the whole batch, or the active rows)
         acc = accept[:, None]
-        err_prev_a = err_prev if full else err_prev[idx]
-        h_prop = controller.propose(ha, errn, err_prev_a, solver.order)
-        for dst, val in ((t, torch.where(accept, t_end, ta)), (y, torch.where(acc, y_end, ya)),
-                         (f, torch.where(acc, f1, fa)), (h, h_prop),
-                         (err_prev, torch.where(accept, errn.clamp_min(1e-4), err_prev_a))):
+        hist_a = history if full else StepHistory(*(x[idx] for x in history))
+        h_prop = controller.propose(ha, errn, hist_a, solver.order)
+        updates = ((t, torch.where(accept, t_end, ta)), (y, torch.where(acc, y_end, ya)),
+                   (f, torch.where(acc, f1, fa)), (h, h_prop), *zip(history, hist_a.after(accept, ha, errn)))
+        for dst, val in updates:
             if full:
                 dst.copy_(val)
             else:
@@ -494,24 +532,26 @@ def _crossed(g0, g1, direction):
     return down if direction < 0 else up if direction > 0 else (down | up)
 
 
-def _locate(fn, dense, rows, runs, t0, h, g0, g1, iters: int = 100):
-    """Illinois (regula falsi) on the step fraction s in [0, 1] for each crossing run."""
-    lo = torch.zeros_like(t0)
-    hi = torch.ones_like(t0)
+def _locate(fn, dense, runs, t0, h, g0, g1, iters: int = 100):
+    """Illinois (regula falsi) on the step fraction s in [0, 1] for each crossing run, down to a
+    few ulps of t; ``dense`` is the interpolant of these runs only."""
+    lo, hi = torch.zeros_like(t0), torch.ones_like(t0)
     glo, ghi = g0.clone(), g1.clone()
-    side = torch.zeros_like(t0)
+    kept_lo = torch.zeros_like(t0, dtype=torch.bool)   # the last update kept lo (moved hi)
+    kept_hi = torch.zeros_like(kept_lo)
+    tol = 4 * torch.finfo(h.dtype).eps * (t0 + h) / h
     for _ in range(iters):
         s = (lo * ghi - hi * glo) / (ghi - glo)
-        s = torch.where(torch.isfinite(s) & (s > lo) & (s < hi), s, 0.5 * (lo + hi))
-        gs = fn(t0 + s * h, dense(s, rows), runs)
+        s = torch.where((s > lo) & (s < hi), s, 0.5 * (lo + hi))   # nan compares False: bisect
+        gs = fn(t0 + s * h, dense(s), runs)
         left = torch.sign(gs) == torch.sign(glo)
-        lo, glo = torch.where(left, s, lo), torch.where(left, gs, glo)
-        hi, ghi = torch.where(left, hi, s), torch.where(left, ghi, gs)
-        # Illinois: halve the stale end's value so the bracket shrinks from both sides
-        ghi = torch.where(left & (side == 1), ghi / 2, ghi)
-        glo = torch.where((~left) & (side == -1), glo / 2, glo)
-        side = torch.where(left, torch.ones_like(side), -torch.ones_like(side))
-        if torch.all((hi - lo) * h <= 4 * torch.finfo(h.dtype).eps * (t0 + h)):
+        # Illinois: when the same end survives twice, halve its value so the bracket shrinks from both sides
+        glo = torch.where(left, gs, torch.where(kept_lo, glo / 2, glo))
+        ghi = torch.where(left, torch.where(kept_hi, ghi / 2, ghi), gs)
+        # an exact zero is the crossing itself: close the bracket there
+        lo, hi = torch.where(left | (gs == 0), s, lo), torch.where(left, hi, s)
+        kept_lo, kept_hi = ~left, left
+        if bool(((hi - lo) <= tol).all()):
             break
     return hi  # the first point at which the event condition holds
 

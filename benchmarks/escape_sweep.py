@@ -31,11 +31,13 @@ by the step count t_ref / lr (marked "extrapolated"; its t_esc error is then not
 ``--json`` prints one JSON object as the last line (speedup_vs_sgd, speedup_vs_scipy,
 max_rel_error, overhead_fraction, ...). ``--smoke`` is a tiny run for the test suite.
 Wall times depend on the machine and its load; gradient evaluations do not. Each adaptive run
-is timed as the best of --repeats; numpy's BLAS is kept to one thread (scipy's best case here).
+is timed as the best of --repeats rounds in which the methods take turns; numpy's BLAS is kept to one
+thread (scipy's best case here).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -257,6 +259,16 @@ def best_of(n, fn):
     return min(runs, key=lambda r: r["seconds"])
 
 
+def interleaved_best(n, fns):
+    """Best of ``n`` rounds for each method, the methods taking turns within a round, so that a
+    slow spell of the machine hits all of them rather than the one that happened to be running."""
+    runs = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            runs[name].append(fn())
+    return {name: min(rs, key=lambda r: r["seconds"]) for name, rs in runs.items()}
+
+
 # --------------------------------------------------------------------------- the run
 
 def relerr(t, ref):
@@ -291,13 +303,12 @@ def bench_problem(prob, args, out, crosscheck=False):
     methods = {k: v for k, v in ADAPTIVE.items() if k != "(c) torchdiffeq dopri5" or odeint_event is not None}
     tables = {}
     for policy in args.policies:
-        res = {}
-        for name, fn in methods.items():
-            if policy == "tuned":
-                res[name] = fastest_tolerance(fn, prob, t_ref, args.target, args.ladder, args.repeats)
-            else:
-                res[name] = best_of(args.repeats, lambda: fn(prob, rtol=RTOL))
-                res[name]["rtol"] = RTOL
+        rtols = {name: fastest_tolerance(fn, prob, t_ref, args.target, args.ladder, args.repeats)["rtol"]
+                 if policy == "tuned" else RTOL for name, fn in methods.items()}
+        res = interleaved_best(args.repeats, {name: functools.partial(fn, prob, rtol=rtols[name])
+                                              for name, fn in methods.items()})
+        for name in res:
+            res[name]["rtol"] = rtols[name]
         tables[policy] = res
 
     sgd = run_sgd(prob, lr, t_ref, args.sgd_max_seconds, args.sgd_timing_steps)
@@ -360,7 +371,7 @@ def main(argv=None):
     ap.add_argument("--sgd-max-seconds", type=float, default=10.0,
                     help="run GD to the escape when that takes at most this long, else extrapolate")
     ap.add_argument("--sgd-timing-steps", type=int, default=1000, help="steps timed before deciding")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per adaptive method (best is kept)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per adaptive method (best is kept)")
     ap.add_argument("--no-network", action="store_true", help="skip the full-network trajectory")
     args = ap.parse_args(argv)
     args.target = 1e-3
@@ -372,7 +383,7 @@ def main(argv=None):
     set_torch_threads()   # one thread for every method, as in the book
     torch.manual_seed(0)
     print(f"escape-time benchmark: torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"{platform.machine()}, float64, CPU. Wall times are best of {args.repeats} and depend on the "
+          f"{platform.machine()}, float64, CPU. Wall times are best of {args.repeats} interleaved rounds and depend on the "
           "machine's load; gradient evaluations (per run) do not.")
 
     out = {}

@@ -324,7 +324,9 @@ def _rms(x):
 class Event:
     """A zero of ``fn(t, y, runs) -> (b,)`` where ``runs`` are the indices of the rows of ``y``
     in the batch (so thresholds can differ per run). ``direction=-1`` only counts crossings
-    from positive to non-positive, ``+1`` the reverse, ``0`` both."""
+    from positive to non-positive, ``+1`` the reverse, ``0`` both. ``fn`` must depend on its
+    arguments only: crossings are bracketed during the integration and located afterwards, all
+    runs in one batch, at states from the steps where they happened."""
 
     fn: Callable
     direction: int = 0
@@ -408,6 +410,7 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
     ev_t = torch.full((B, len(events)), math.inf, dtype=dtype, device=device)
     ev_y = [torch.full_like(y, math.nan) for _ in events]
     ev_g = [ev.fn(t, y, torch.arange(B, device=device)) for ev in events]
+    brackets = [[] for _ in events]     # per event: the steps in which runs crossed it
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     n_steps = torch.zeros(B, dtype=torch.long, device=device)
     n_rej = torch.zeros(B, dtype=torch.long, device=device)
@@ -462,41 +465,32 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
                 + ("reduce step_size (gradient descent is unstable above 2 / curvature)." if not controller.adaptive
                    else "the loss is exploding; lower rtol/atol or check the teacher and initial scales."))
 
-        # events on accepted steps (a terminal one moves the step's end back to the event)
-        t_end, y_end, stop_here = t_new, y1, None
+        # events on accepted steps: a crossing is only bracketed here (a terminal one stops its run
+        # at the step's end); all crossings are located together after the loop, in one batch
+        stop_here = None
         for k, ev in enumerate(events):
             g0 = ev_g[k] if full else ev_g[k][idx]
             g1 = ev.fn(t_new, y1, idx)
-            crossed = accept & _crossed(g0, g1, ev.direction) & torch.isinf(ev_t[idx, k])
+            crossed = accept & _crossed(g0, g1, ev.direction) & torch.isinf(ev_t[:, k] if full else ev_t[idx, k])
             if crossed.any():
                 rows = crossed.nonzero().squeeze(1)
-                dense_rows = dense.rows(rows)
-                s = _locate(ev.fn, dense_rows, idx[rows], ta[rows], ha[rows], g0[rows], g1[rows])
-                te = ta[rows] + s * ha[rows]
-                ev_t[idx[rows], k] = te
-                ye = dense_rows(s)
-                ev_y[k][idx[rows]] = ye
+                ev_t[idx[rows], k] = t_new[rows]          # fired (the time is refined below)
+                brackets[k].append((idx[rows], ta[rows], ha[rows], g0[rows], g1[rows], dense.rows(rows)))
                 if ev.terminal:
-                    if stop_here is None:
-                        t_end, y_end = t_new.clone(), y1.clone()
-                        stop_here = torch.zeros_like(accept)
-                    earlier = te < t_end[rows]
-                    t_end[rows] = torch.where(earlier, te, t_end[rows])
-                    y_end[rows] = torch.where(earlier[:, None], ye, y_end[rows])
-                    stop_here[rows] = True
+                    stop_here = crossed if stop_here is None else stop_here | crossed
             if full:
                 ev_g[k] = torch.where(accept, g1, g0)
             else:
                 ev_g[k][idx] = torch.where(accept, g1, g0)
 
         if saver is not None:
-            saver.save(dense, idx, ta, ha, t_end, accept)
+            saver.save(dense, idx, ta, ha, t_new, accept)
 
         # commit accepted steps (in place: the whole batch, or the active rows)
         acc = accept[:, None]
         hist_a = history if full else StepHistory(*(x[idx] for x in history))
         h_prop = controller.propose(ha, errn, hist_a, solver.order)
-        updates = ((t, torch.where(accept, t_end, ta)), (y, torch.where(acc, y_end, ya)),
+        updates = ((t, torch.where(accept, t_new, ta)), (y, torch.where(acc, y1, ya)),
                    (f, torch.where(acc, f1, fa)), (h, h_prop), *zip(history, hist_a.after(accept, ha, errn)))
         for dst, val in updates:
             if full:
@@ -515,6 +509,10 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
     else:
         raise DivergenceError(f"max_steps = {max_steps} reached before t_max; raise max_steps or rtol")
     pbar.close()
+    for k, ev in enumerate(events):
+        _locate_brackets(ev, k, brackets[k], ev_t, ev_y, t, y, stopped)
+    if saver is not None:
+        saver.forget_after(t, stopped)
 
     return Solution(
         t_final=t, y_final=y, event_times=ev_t, event_states=ev_y, stopped_by_event=stopped,
@@ -527,9 +525,28 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
 
 
 def _crossed(g0, g1, direction):
-    down = (g0 > 0) & (g1 <= 0)
-    up = (g0 < 0) & (g1 >= 0)
-    return down if direction < 0 else up if direction > 0 else (down | up)
+    if direction < 0:
+        return (g0 > 0) & (g1 <= 0)
+    if direction > 0:
+        return (g0 < 0) & (g1 >= 0)
+    return _crossed(g0, g1, -1) | _crossed(g0, g1, 1)
+
+
+def _locate_brackets(ev, k, brackets, ev_t, ev_y, t, y, stopped):
+    """Locate every crossing of event ``k`` on its step's interpolant, all runs in one batch; a
+    terminal event moves its run's end back from the step's end to the earliest such event."""
+    if not brackets:
+        return
+    runs, t0, h, g0, g1 = (torch.cat(parts) for parts in list(zip(*brackets))[:5])
+    dense = _Dense([torch.cat(cs) for cs in zip(*(b[5].coeffs for b in brackets))])
+    s = _locate(ev.fn, dense, runs, t0, h, g0, g1)
+    te, ye = t0 + s * h, dense(s)
+    ev_t[runs, k] = te
+    ev_y[k][runs] = ye
+    if ev.terminal:
+        earlier = te <= t[runs]
+        t[runs] = torch.where(earlier, te, t[runs])
+        y[runs] = torch.where(earlier[:, None], ye, y[runs])
 
 
 def _locate(fn, dense, runs, t0, h, g0, g1, iters: int = 100):
@@ -581,6 +598,13 @@ class _Saver:
             v = self.fn(y)
             self.values[:, at0] = v[:, None, :]
             self.mask[:, at0] = True
+
+    def forget_after(self, t_final, stopped):
+        """Runs stopped by a terminal event saved up to their last step's end: drop what lies
+        after the event."""
+        late = stopped[:, None] & (self.ts[None, :] > t_final[:, None])
+        self.values[late] = math.nan
+        self.mask &= ~late
 
     def save(self, dense, idx, t0, h, t_end, accept):
         lo = torch.searchsorted(self.ts, t0, right=True)

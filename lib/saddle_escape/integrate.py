@@ -238,8 +238,8 @@ class PIController:
     controller ``safety * err^(-1/k) * (h / h_prev) * (err_prev / err)^(1/k)``, which follows a
     trend in the step size. That trend is what an escape looks like to the integrator: approaching
     the escape the time scale shrinks geometrically, and without prediction about every other
-    step is rejected (Gustafsson 1994; Hairer & Wanner, Solving ODEs II, IV.8). As in Hairer's DOPRI5, the step may
-    shrink after an accepted step but may not grow right after a rejected one.
+    step is rejected (Gustafsson 1994; Hairer & Wanner, Solving ODEs II, IV.8). As in Hairer's
+    DOPRI5, the step may shrink after an accepted step but may not grow right after a rejected one.
     """
 
     rtol: float = 1e-8
@@ -474,7 +474,7 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
             crossed = accept & _crossed(g0, g1, ev.direction) & torch.isinf(ev_t[:, k] if full else ev_t[idx, k])
             if crossed.any():
                 rows = crossed.nonzero().squeeze(1)
-                ev_t[idx[rows], k] = t_new[rows]          # fired (the time is refined below)
+                ev_t[idx[rows], k] = t_new[rows]          # fired; the time is refined after the loop
                 brackets[k].append((idx[rows], ta[rows], ha[rows], g0[rows], g1[rows], dense.rows(rows)))
                 if ev.terminal:
                     stop_here = crossed if stop_here is None else stop_here | crossed
@@ -510,7 +510,7 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
         raise DivergenceError(f"max_steps = {max_steps} reached before t_max; raise max_steps or rtol")
     pbar.close()
     for k, ev in enumerate(events):
-        _locate_brackets(ev, k, brackets[k], ev_t, ev_y, t, y, stopped)
+        _locate_brackets(ev, k, brackets[k], ev_t, ev_y, t, y)
     if saver is not None:
         saver.forget_after(t, stopped)
 
@@ -532,13 +532,14 @@ def _crossed(g0, g1, direction):
     return _crossed(g0, g1, -1) | _crossed(g0, g1, 1)
 
 
-def _locate_brackets(ev, k, brackets, ev_t, ev_y, t, y, stopped):
+def _locate_brackets(ev, k, brackets, ev_t, ev_y, t, y):
     """Locate every crossing of event ``k`` on its step's interpolant, all runs in one batch; a
     terminal event moves its run's end back from the step's end to the earliest such event."""
     if not brackets:
         return
-    runs, t0, h, g0, g1 = (torch.cat(parts) for parts in list(zip(*brackets))[:5])
-    dense = _Dense([torch.cat(cs) for cs in zip(*(b[5].coeffs for b in brackets))])
+    *columns, dense_parts = zip(*brackets)      # (runs, t0, h, g0, g1, interpolant) per step
+    runs, t0, h, g0, g1 = (torch.cat(c) for c in columns)
+    dense = _Dense([torch.cat(cs) for cs in zip(*(d.coeffs for d in dense_parts))])
     s = _locate(ev.fn, dense, runs, t0, h, g0, g1)
     te, ye = t0 + s * h, dense(s)
     ev_t[runs, k] = te

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -75,9 +75,7 @@ class GradientFlow(ODETerm):
 
     def _lookup(self, y):
         last = self._last
-        if last is not None and last[0] is y and last[1] == _version(y) and last[1] is not None:
-            return last[2], last[3]
-        return None
+        return (last[2], last[3]) if last is not None and _unchanged(y, last[0], last[1]) else None
 
     def _neg_grad(self, t, theta):
         neg_grad, self._pending_loss = self._neg_grad_and_loss(theta)
@@ -105,6 +103,11 @@ def _version(y):
         return None
 
 
+def _unchanged(y, held, held_version) -> bool:
+    """``y`` is the very tensor ``held`` and has not been written to since its version was taken."""
+    return held is y and held_version is not None and _version(y) == held_version
+
+
 def last_value_cache(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``fn`` remembering its last result: asked again for the very same tensor, unchanged since
     (several events evaluating one observable at one state), it returns the stored value."""
@@ -112,9 +115,8 @@ def last_value_cache(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
 
     def cached(y):
         # hold the tensor itself, so its identity cannot be recycled while it is the key
-        version = _version(y)
-        if version is None or memo["y"] is not y or memo["version"] != version:
-            memo.update(y=y, version=version, value=fn(y))
+        if not _unchanged(y, memo["y"], memo["version"]):
+            memo.update(y=y, version=_version(y), value=fn(y))
         return memo["value"]
     return cached
 
@@ -137,11 +139,10 @@ class _Dense:
         """The interpolant of the runs ``rows`` only."""
         return _Dense([c[rows] for c in self.coeffs])
 
-    def __call__(self, s: torch.Tensor, rows=None) -> torch.Tensor:
-        cs = self.coeffs if rows is None else [c[rows] for c in self.coeffs]
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
         s = s[:, None]
-        out = cs[0]
-        for c in cs[1:]:
+        out = self.coeffs[0]
+        for c in self.coeffs[1:]:
             out = out * s + c
         return out
 
@@ -290,7 +291,7 @@ class PIController:
         factor = torch.where(errn <= 1, torch.minimum(factor.clamp(min=self.factor_min), grow),
                              (self.safety * e ** (-1.0 / order)).clamp(self.factor_min, 0.9))
         factor = torch.nan_to_num(factor, nan=self.factor_min)
-        return h * factor if self.dt_max == math.inf else (h * factor).clamp(max=self.dt_max)
+        return (h * factor).clamp(max=self.dt_max)
 
 
 @dataclass
@@ -448,7 +449,7 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
         else:
             n_rej.index_add_(0, idx, rejected.long())
         t_new = ta + ha
-        if controller.adaptive and bool(rejected.any()):
+        if controller.adaptive:
             tiny = rejected & (ha <= 1e-13 * torch.clamp(ta.abs(), min=1e-3))
             if tiny.any():
                 b = idx[tiny][0].item()
@@ -616,5 +617,5 @@ class _Saver:
             rows = (count > j).nonzero().squeeze(1)
             col = lo[rows] + j
             s = ((self.ts[col] - t0[rows]) / h[rows]).clamp(0, 1)
-            self.values[idx[rows], col] = self.fn(dense(s, rows))
+            self.values[idx[rows], col] = self.fn(dense.rows(rows)(s))
             self.mask[idx[rows], col] = True

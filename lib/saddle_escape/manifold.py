@@ -209,17 +209,10 @@ def balance_check(chain: ScalarChain, X: torch.Tensor, i_p: int):
     act = chain.activation
     delta = X[:, 1:] ** 2 - X[:, :-1] ** 2
     drift = ((delta[: i_p + 1] - delta[0]).abs().amax() / (X[: i_p + 1] ** 2).amax()).item()
-    z_p = max(_preactivation_rms(chain, X[i]).max().item() for i in range(i_p + 1))
+    z_rms = torch.stack([torch.sqrt((z ** 2) @ chain.w) for z in chain.preactivations(X[: i_p + 1])])
+    z_p = z_rms.max().item()
     if act.cls not in ("B", "C"):
         return drift, None, z_p
     moment = float((chain.g.abs() ** (act.q + 1)) @ chain.w)
     return drift, abs(act.h_sigma / act.beta1) * moment * z_p ** (act.q - 1), z_p
 
-
-def _preactivation_rms(chain: ScalarChain, X: torch.Tensor) -> torch.Tensor:
-    """rms over g of the pre-activations z_1, ..., z_{L-1} of the chain at scales ``X`` (L,)."""
-    z, out = X[0] * chain.g / math.sqrt(chain.width), []
-    for l in range(1, chain.depth):
-        out.append(torch.sqrt((z ** 2) @ chain.w))
-        z = X[l] * chain.activation.fn(z)
-    return torch.stack(out)

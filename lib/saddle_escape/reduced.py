@@ -41,14 +41,17 @@ class ScalarChain:
         self.g, self.w = gauss_hermite(n_nodes, device=device)
         self.y = self.teacher(self.g)
 
+    def preactivations(self, X: torch.Tensor) -> list[torch.Tensor]:
+        """``z_1, ..., z_{L-1}`` at the quadrature nodes, each (B, n_nodes), for scales ``X`` (B, L)."""
+        sigma = self.activation.fn
+        zs = [X[:, :1] * self.g[None, :] / math.sqrt(self.width)]
+        for l in range(1, self.depth - 1):
+            zs.append(X[:, l:l + 1] * sigma(zs[-1]))
+        return zs
+
     def output(self, X: torch.Tensor) -> torch.Tensor:
         """``y_hat`` at the quadrature nodes, shape (B, n_nodes), for scales ``X`` (B, L)."""
-        sigma = self.activation.fn
-        rootN = math.sqrt(self.width)
-        z = X[:, :1] * self.g[None, :] / rootN
-        for l in range(1, self.depth - 1):
-            z = X[:, l:l + 1] * sigma(z)
-        return rootN * X[:, -1:] * sigma(z)
+        return math.sqrt(self.width) * X[:, -1:] * self.activation.fn(self.preactivations(X)[-1])
 
     def loss(self, X: torch.Tensor) -> torch.Tensor:
         """Population loss (B,) at layer scales ``X`` (B, L)."""

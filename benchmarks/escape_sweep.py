@@ -54,9 +54,9 @@ import torch
 from scipy.integrate import solve_ivp
 
 
-from saddle_escape import data, escape, networks, reduced
+from saddle_escape.sim import data, escape, networks, reduced
 from saddle_escape.book import set_torch_threads
-from saddle_escape.integrate import Event, GradientFlow, PIController, solve
+from saddle_escape.sim.integrate import Event, GradientFlow, PIController, solve
 
 try:
     from torchdiffeq import odeint_event

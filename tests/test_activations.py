@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from saddle_escape import activations
-from saddle_escape.params import ParameterError
+from saddle_escape.sim import activations
+from saddle_escape.book.params import ParameterError
 
 SQRT_PI = math.sqrt(math.pi)
 

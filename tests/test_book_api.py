@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saddle_escape import book
-from saddle_escape.params import ParameterError
+from saddle_escape.book.params import ParameterError
 
 
 @pytest.fixture

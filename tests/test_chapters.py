@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from saddle_escape import pipeline
+from saddle_escape.book import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = pipeline.Project.at(ROOT)

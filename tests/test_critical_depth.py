@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from saddle_escape import critical_depth as cd, data
-from saddle_escape.params import ParameterError
-from saddle_escape.reduced import ScalarChain
+from saddle_escape.sim import data
+from saddle_escape.studies import critical_depth as cd
+from saddle_escape.book.params import ParameterError
+from saddle_escape.sim.reduced import ScalarChain
 
 TEACHER = data.ScalarTeacher(1.0, 0.3)
 

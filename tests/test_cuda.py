@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from saddle_escape import data, escape, imbalance, networks, reduced
-from saddle_escape.data import ScalarTeacher
-from saddle_escape.integrate import Dopri5, GradientFlow, PIController, SaveAt, solve
+from saddle_escape.sim import data, escape, imbalance, networks, reduced
+from saddle_escape.sim.data import ScalarTeacher
+from saddle_escape.sim.integrate import Dopri5, GradientFlow, PIController, SaveAt, solve
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import torch
 
-from saddle_escape import data, deep_linear as DL, networks
+from saddle_escape.sim import data, networks
+from saddle_escape.studies import deep_linear as DL
 
 
 def _setup(act="linear", depth=2, init=1e-2, n=12):

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from saddle_escape import data, drift, fits, networks
-from saddle_escape.params import ParameterError
+from saddle_escape.sim import data, fits, networks
+from saddle_escape.studies import drift
+from saddle_escape.book.params import ParameterError
 
 
 @pytest.fixture(scope="module")

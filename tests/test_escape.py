@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from saddle_escape import escape, fits, reduced
-from saddle_escape.data import ScalarTeacher
-from saddle_escape.params import ParameterError
+from saddle_escape.sim import escape, fits, reduced
+from saddle_escape.sim.data import ScalarTeacher
+from saddle_escape.book.params import ParameterError
 
 DEPTH, R = 4, 3
 EPS = [1e-1, 1e-2, 1e-3, 1e-4]

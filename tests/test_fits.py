@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from saddle_escape import fits
-from saddle_escape.params import ParameterError
+from saddle_escape.sim import fits
+from saddle_escape.book.params import ParameterError
 
 
 def test_power_law_exact_data():

@@ -3,8 +3,8 @@ and Delta_l is exactly conserved when phi_sigma == 0 (linear, ReLU)."""
 import pytest
 import torch
 
-from saddle_escape import activations, data, imbalance, networks
-from saddle_escape.integrate import Dopri5, GradientFlow, PIController, SaveAt, solve
+from saddle_escape.sim import activations, data, imbalance, networks
+from saddle_escape.sim.integrate import Dopri5, GradientFlow, PIController, SaveAt, solve
 
 
 def _setup(act, loss, depth, seeds=(0, 1)):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from saddle_escape import fits, networks, reduced
-from saddle_escape.data import ScalarTeacher
-from saddle_escape.errors import DivergenceError
-from saddle_escape.integrate import (ConstantStep, Dopri5, Euler, Event, GradientFlow, ODETerm,
+from saddle_escape.sim import fits, networks, reduced
+from saddle_escape.sim.data import ScalarTeacher
+from saddle_escape.sim.errors import DivergenceError
+from saddle_escape.sim.integrate import (ConstantStep, Dopri5, Euler, Event, GradientFlow, ODETerm,
                                      PIController, SaveAt, solve)
-from saddle_escape.params import ParameterError
+from saddle_escape.book.params import ParameterError
 
 F64 = torch.float64
 C = 1.0

@@ -1,8 +1,9 @@
-"""Fast checks of lib/saddle_escape/manifold.py."""
+"""Fast checks of lib/saddle_escape/studies/manifold.py."""
 import pytest
 import torch
 
-from saddle_escape import data, manifold, networks, reduced
+from saddle_escape.sim import data, networks, reduced
+from saddle_escape.studies import manifold
 
 
 def _setup(depth=3, width=4, d=3):

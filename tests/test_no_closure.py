@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from saddle_escape import moments as mo, multimode as mm
-from saddle_escape.networks import MLP
-from saddle_escape.params import ParameterError
+from saddle_escape.studies import moments as mo, multimode as mm
+from saddle_escape.sim.networks import MLP
+from saddle_escape.book.params import ParameterError
 
 
 @pytest.mark.parametrize("K", [1, 2, 3, 4])
@@ -36,7 +36,7 @@ def test_moment_velocity_is_chain_rule():
     M, dM = mo.moment_velocity(net, data, theta, 2)
     u = mo.units(net, theta)[0]
     p = theta.clone().requires_grad_(True)
-    from saddle_escape.networks import population_loss
+    from saddle_escape.sim.networks import population_loss
     (g,) = torch.autograd.grad(population_loss(net, data)(p).sum(), p)
     du = mo.units(net, -g)[0]
     assert torch.allclose(dM[0], du.mean(0), atol=1e-14)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from saddle_escape import data, networks, offmanifold as om
-from saddle_escape.integrate import GradientFlow
-from saddle_escape.params import ParameterError
+from saddle_escape.sim import data, networks
+from saddle_escape.studies import offmanifold as om
+from saddle_escape.sim.integrate import GradientFlow
+from saddle_escape.book.params import ParameterError
 
 
 @pytest.fixture(scope="module")

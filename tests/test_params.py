@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from saddle_escape import params as P
-from saddle_escape.params import ParameterError
+from saddle_escape.book import params as P
+from saddle_escape.book.params import ParameterError
 
 
 def test_message_names_parameter_value_and_what_is_allowed():

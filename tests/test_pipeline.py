@@ -10,7 +10,7 @@ import nbformat
 import pytest
 import yaml
 
-from saddle_escape import pipeline
+from saddle_escape.book import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "chapters" / "99_fixture.md"

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from saddle_escape import data, networks, reduced
-from saddle_escape.imbalance import loss_gradient
-from saddle_escape.integrate import GradientFlow, PIController, SaveAt, solve
+from saddle_escape.sim import data, networks, reduced
+from saddle_escape.sim.imbalance import loss_gradient
+from saddle_escape.sim.integrate import GradientFlow, PIController, SaveAt, solve
 
 TEACHER = data.ScalarTeacher(1.0, 0.3, 0.2)
 
@@ -73,7 +73,7 @@ def test_bottleneck_scales_and_errors():
     assert X.tolist() == [[1.5, 1.5, 1.5, 1e-2, 1e-2], [1.5, 1.5, 1.5, 1e-3, 1e-3]]
     X = reduced.bottleneck_scales(4, 1, 0.1, layers=[2])
     assert X.tolist() == [[1.0, 0.1, 1.0, 1.0]]
-    from saddle_escape.params import ParameterError
+    from saddle_escape.book.params import ParameterError
     with pytest.raises(ParameterError, match="^r = "):
         reduced.bottleneck_scales(4, 5, 0.1)
     with pytest.raises(ParameterError, match="^eps = "):

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from saddle_escape import universality as U
-from saddle_escape.data import ScalarTeacher
+from saddle_escape.studies import universality as U
+from saddle_escape.sim.data import ScalarTeacher
 
 
 def test_class_rows_and_slopes():

@@ -1,8 +1,14 @@
-"""Saddle Escape: the simulation core and book machinery of the Saddle Escape companion book.
+"""Saddle Escape: the simulation engine, the studies and the book machinery of the companion book.
 
-Chapters use :mod:`saddle_escape.book` (results, claims, figures) and
-:mod:`saddle_escape.params` (parameter validation); ``python -m saddle_escape`` runs chapters
-and builds the book (:mod:`saddle_escape.cli`).
+Three rooms, with imports pointing one way only (``book`` → ``studies`` → ``sim``):
+
+* :mod:`saddle_escape.sim` — the simulation engine: activations, data, networks, the reduced
+  chain, the integrator, escape times, fits. It knows nothing of chapters or the book.
+* :mod:`saddle_escape.studies` — one module per chapter's experiment, each calling the engine.
+* :mod:`saddle_escape.book` — the book machinery: the chapter-side API (:class:`ChapterRun`),
+  parameter checks, plotting, the papermill pipeline and ``python -m saddle_escape``.
+
+A chapter starts with ``from saddle_escape import book, sim, studies``.
 """
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
-"""``python -m saddle_escape``: see :mod:`saddle_escape.cli`."""
+"""``python -m saddle_escape``: see :mod:`saddle_escape.book.cli`."""
 
 import sys
 
-from .cli import main
+from .book.cli import main
 
 sys.exit(main())

@@ -3,7 +3,7 @@
 The manifold is the fixed-point set of the symmetry group of the single-index population loss:
 permutations of the hidden units of every layer (``W_l -> P_l W_l P_{l-1}^T``) and rotations of
 the inputs that fix ``w*``. Its points are ``W_1 = X_1 1 w*^T / sqrt(N)`` and
-``W_l = X_l 1 1^T / N`` (see :func:`~saddle_escape.networks.symmetric_weights`).
+``W_l = X_l 1 1^T / N`` (see :func:`~saddle_escape.sim.networks.symmetric_weights`).
 
 * :func:`identical_rows_weights` -- weights with identical rows in every layer but *non-constant*
   rows after the first: the larger set that is not flow-invariant.
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import networks
-from .data import DTYPE, direction
-from .integrate import ConstantStep, Euler, GradientFlow, ODETerm, PIController, SaveAt, solve
-from .networks import MLP, symmetric_directions
-from .params import ParameterError
-from .reduced import ScalarChain
+from ..sim import networks
+from ..sim.data import DTYPE, direction
+from ..sim.integrate import ConstantStep, Euler, GradientFlow, ODETerm, PIController, SaveAt, solve
+from ..sim.networks import MLP, symmetric_directions
+from ..sim.errors import ParameterError
+from ..sim.reduced import ScalarChain
 
 
 def row_spread(net: MLP, theta: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from . import pipeline
-from .book import markdown_table
+from .chapter import markdown_table
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The symmetric-manifold reduction: an L-dimensional gradient flow in the layer scales.
 
-On the permutation-symmetric manifold (see :func:`~saddle_escape.networks.symmetric_weights`) a width-N network
+On the permutation-symmetric manifold (see :func:`~saddle_escape.sim.networks.symmetric_weights`) a width-N network
 with layer scales ``X_l = ||W_l||_F`` computes, for ``g = w*.x``,
 
     y_hat(g) = sqrt(N) X_L sigma(X_{L-1} sigma( ... X_2 sigma(X_1 g / sqrt(N)) ... )),
@@ -19,7 +19,7 @@ from . import activations
 from .data import DTYPE, ScalarTeacher, gauss_hermite, single_index_quadrature, direction
 from .integrate import GradientFlow
 from .networks import MLP, get_loss, symmetric_weights
-from .params import ParameterError
+from .errors import ParameterError
 
 
 class ScalarChain:

@@ -26,10 +26,10 @@ import math
 import numpy as np
 import torch
 
-from .data import DTYPE, Dataset
-from .imbalance import loss_gradient
-from .networks import MLP
-from .params import ParameterError
+from ..sim.data import DTYPE, Dataset
+from ..sim.imbalance import loss_gradient
+from ..sim.networks import MLP
+from ..sim.errors import ParameterError
 
 
 def thue_morse_split(K: int) -> tuple[np.ndarray, np.ndarray]:

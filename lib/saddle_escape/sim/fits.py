@@ -11,7 +11,7 @@ from dataclasses import dataclass, asdict
 import numpy as np
 from scipy import stats
 
-from .params import ParameterError
+from .errors import ParameterError
 
 
 @dataclass(frozen=True)

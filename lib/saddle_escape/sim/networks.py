@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import activations
 from .activations import Activation
 from .data import DTYPE, Dataset
-from .params import ParameterError
+from .errors import ParameterError
 
 
 @dataclass(frozen=True)

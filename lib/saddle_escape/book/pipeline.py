@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .book import COMMAND_ENV, describe_expected, fmt_value, markdown_table
+from .chapter import COMMAND_ENV, describe_expected, fmt_value, markdown_table
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PROFILES = ("quick", "full")
 CACHE_FORMAT = 1
 RESERVED = ("results_dir", "figures_dir")  # decided by --out, not by -p
@@ -45,7 +45,8 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python
 JUPYTER_BOOK = "from jupyter_book.cli.main import main; main()"
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.M)
 EXCLUDED_MODULES = {"__main__"}
-BOOK_MACHINERY = {"book", "params", "provenance", "pipeline", "cli"}
+ROOMS = {"sim": "Simulation engine", "studies": "Studies (one module per chapter's experiment)",
+         "book": "Book machinery"}
 
 
 class PipelineError(Exception):
@@ -618,8 +619,6 @@ def api_modules(package_dir: Path) -> str:
         if parts and "__pycache__" not in parts and parts[-1] not in EXCLUDED_MODULES:
             modules.append(".".join(parts))
     modules.sort()
-    core = [m for m in modules if m not in BOOK_MACHINERY]
-    machinery = [m for m in modules if m in BOOK_MACHINERY]
 
     def section(module: str, level: str = "###") -> str:
         name = f"{package}.{module}" if module else package
@@ -627,7 +626,7 @@ def api_modules(package_dir: Path) -> str:
                 f"   :members:\n   :show-inheritance:\n```\n")
 
     text = [section("", "##")]
-    if core:
-        text += ["## Simulation core\n"] + [section(m) for m in core]
-    text += ["## Book machinery\n"] + [section(m) for m in machinery]
+    for room, title in ROOMS.items():
+        inside = [m for m in modules if m.split(".")[0] == room and m != room]
+        text += [f"## {title}\n", section(room, "###")] + [section(m, "####") for m in inside]
     return "\n".join(text)

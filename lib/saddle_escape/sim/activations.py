@@ -21,7 +21,7 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 
-from .params import ParameterError
+from .errors import ParameterError
 
 z = sp.Symbol("z", real=True)
 _z_pos = sp.Symbol("z", positive=True)
@@ -178,7 +178,7 @@ NAMES = tuple(_FACTORIES)
 def get(name: str | Activation, **kwargs) -> Activation:
     """Look up an activation by name (``"tanh"``, ``"gelu"``, ``"quadratic"`` with ``a=...``).
 
-    Raises :class:`~saddle_escape.params.ParameterError` naming the allowed names.
+    Raises :class:`~saddle_escape.book.params.ParameterError` naming the allowed names.
     """
     if isinstance(name, Activation):
         return name

@@ -1,6 +1,6 @@
 """The critical-depth law on the scalar chain: bottleneck sweeps, the leading-order rate, windows.
 
-Setup (chapter 05): the reduced chain of :mod:`saddle_escape.reduced`, the *first* ``r`` layers at
+Setup (chapter 05): the reduced chain of :mod:`saddle_escape.sim.reduced`, the *first* ``r`` layers at
 scale ``eps`` (input side, so every pre-activation is small near the saddle) and the other
 ``L - r`` at ``big``. Near the saddle each bottleneck scale obeys ``dy/dt = a y^(r-1)`` with
 
@@ -20,17 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import activations, escape, fits
-from .data import ScalarTeacher
-from .integrate import Event, GradientFlow, PIController, solve
-from .params import ParameterError
-from .reduced import ScalarChain, bottleneck_scales
+from ..sim import activations, escape, fits
+from ..sim.data import ScalarTeacher
+from ..sim.integrate import Event, GradientFlow, PIController, solve
+from ..sim.errors import ParameterError
+from ..sim.reduced import ScalarChain, bottleneck_scales
 
 COVERED_CLASSES = ("A", "B", "C")
 
 
 def check_activation(name):
-    """The activation, or a :class:`~saddle_escape.params.ParameterError` for class D (sigma(0) != 0 has no saddle at 0)."""
+    """The activation, or a :class:`~saddle_escape.book.params.ParameterError` for class D (sigma(0) != 0 has no saddle at 0)."""
     act = activations.get(name)
     if act.cls not in COVERED_CLASSES:
         raise ParameterError("activation", name, f"it is class {act.cls} (sigma(0) = {act.sigma0:.3g} != 0) and the "

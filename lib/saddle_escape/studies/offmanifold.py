@@ -2,8 +2,8 @@
 
 The chapter's experiment in three calls:
 
-* :func:`~saddle_escape.reduced.bottleneck_layers` -- which layers are the bottleneck (the last
-  ``r``, as in :func:`~saddle_escape.reduced.bottleneck_scales`);
+* :func:`~saddle_escape.sim.reduced.bottleneck_layers` -- which layers are the bottleneck (the last
+  ``r``, as in :func:`~saddle_escape.sim.reduced.bottleneck_scales`);
 * :func:`pilot_loss_reference` -- the loss the escape reaches, from one pilot run stopped a fixed
   multiple of its drop time after the drop (full-width nets on Monte-Carlo data keep learning
   slowly after the escape, so waiting for the loss to *settle* costs far more than it tells);
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Dataset
-from .integrate import Event, GradientFlow, PIController, SaveAt, last_value_cache, solve
-from .networks import MLP, manifold_distance
-from .params import ParameterError
-from .reduced import bottleneck_layers
+from ..sim.data import Dataset
+from ..sim.integrate import Event, GradientFlow, PIController, SaveAt, last_value_cache, solve
+from ..sim.networks import MLP, manifold_distance
+from ..sim.errors import ParameterError
+from ..sim.reduced import bottleneck_layers
 
 OBSERVABLES = ("loss", "gamma", "gamma_rate", "distance", "norm")
 
@@ -185,7 +185,7 @@ def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps
                    n_save: int = 120) -> Experiment:
     """He-normal nets (one per seed), the last ``r`` layers scaled by each eps; a pilot at
     ``pilot_eps`` (first seed) sets the reference loss; all (seed, eps) runs go in one batch."""
-    from .networks import he_normal, population_loss
+    from ..sim.networks import he_normal, population_loss
 
     layers = bottleneck_layers(net.depth, r)
     loss_fn = population_loss(net, data)

@@ -17,15 +17,11 @@ from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral, Real
 from typing import Any
 
+from ..sim.errors import ParameterError
+
 PROFILES = ("quick", "full")
 
 
-class ParameterError(ValueError):
-    """A chapter parameter has a value the chapter cannot use."""
-
-    def __init__(self, name: str, value: Any, allowed: str):
-        self.name, self.value, self.allowed = name, value, allowed
-        super().__init__(f"{name} = {value!r} is not allowed: {allowed}")
 
 
 def require(condition: bool, name: str, value: Any, allowed: str) -> None:

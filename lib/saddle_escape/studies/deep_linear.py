@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from .data import Dataset
-from .integrate import ConstantStep, Euler, Event, GradientFlow, PIController, SaveAt, solve
-from .networks import MLP, population_loss
+from ..sim.data import Dataset
+from ..sim.integrate import ConstantStep, Euler, Event, GradientFlow, PIController, SaveAt, solve
+from ..sim.networks import MLP, population_loss
 
 
 def teacher_modes(T: torch.Tensor, k: int | None = None):

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from .errors import DivergenceError
-from .params import ParameterError
+from .errors import ParameterError
 from .progress import bar
 
 
@@ -386,7 +386,7 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
           max_norm: float = 1e8, progress: bool = False, desc: str = "integrating") -> Solution:
     """Integrate ``B`` runs ``y0`` (B, P) from t = 0 to ``t1`` (scalar or (B,)).
 
-    Raises :class:`~saddle_escape.errors.DivergenceError` when a run produces non-finite values, leaves the ball of
+    Raises :class:`~saddle_escape.sim.errors.DivergenceError` when a run produces non-finite values, leaves the ball of
     radius ``max_norm``, or needs ever smaller steps; the message names the knob to change.
     """
     solver = solver or Dopri5()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .params import ParameterError
+from .errors import ParameterError
 
 DTYPE = torch.float64
 

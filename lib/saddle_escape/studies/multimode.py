@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import DTYPE, Dataset, gauss_hermite
-from .imbalance import loss_gradient
-from .networks import MLP, population_loss
-from .params import ParameterError
+from ..sim.data import DTYPE, Dataset, gauss_hermite
+from ..sim.imbalance import loss_gradient
+from ..sim.networks import MLP, population_loss
+from ..sim.errors import ParameterError
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def block_network(n_modes: int) -> MLP:
 
 
 def _tanh():
-    from . import activations
+    from ..sim import activations
     return activations.get("tanh")
 
 
@@ -250,7 +250,7 @@ def perturbation_growth(teacher: ModeTeacher, stage: int, n_nodes: int, delta: f
                         t_max: float, n_save: int = 200, seed: int = 0, rtol: float = 1e-10):
     """Gradient flow from the stage-k saddle plus a random mixed-sector perturbation of norm
     ``delta``; returns (times, mixed-sector norm) as numpy arrays."""
-    from .integrate import GradientFlow, PIController, SaveAt, solve
+    from ..sim.integrate import GradientFlow, PIController, SaveAt, solve
 
     net = block_network(teacher.n_modes)
     data = mode_data(teacher, n_nodes)
@@ -274,8 +274,8 @@ def staircase(teacher: ModeTeacher, width: int, eps: float, t_max: float, n_node
     ``eps``) on the multi-mode teacher. Returns (times, loss, per-mode learned fraction).
 
     The learned fraction of mode k is ``E[y_hat_k y_k] / E[y_k^2]``."""
-    from .integrate import GradientFlow, PIController, SaveAt, solve
-    from .networks import he_normal
+    from ..sim.integrate import GradientFlow, PIController, SaveAt, solve
+    from ..sim.networks import he_normal
 
     n = teacher.n_modes
     net = MLP.build(n, width, 2, "tanh", output_dim=n)

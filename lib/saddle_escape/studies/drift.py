@@ -19,13 +19,13 @@ from typing import Callable
 
 import torch
 
-from . import activations
-from .data import Dataset
-from .imbalance import imbalances, loss_gradient, rate_autograd, rate_identity
-from .integrate import ODETerm, PIController, SaveAt, solve
-from .networks import MLP, expected, get_loss, he_normal, layer_norms, population_loss
-from .params import ParameterError
-from .progress import bar
+from ..sim import activations
+from ..sim.data import Dataset
+from ..sim.imbalance import imbalances, loss_gradient, rate_autograd, rate_identity
+from ..sim.integrate import ODETerm, PIController, SaveAt, solve
+from ..sim.networks import MLP, expected, get_loss, he_normal, layer_norms, population_loss
+from ..sim.errors import ParameterError
+from ..sim.progress import bar
 
 SERIES_CUTOFF = 1e-3  # below |z| = 1e-3 the series (through z^6) beats the cancelling closed form
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from .integrate import Event, GradientFlow, PIController, solve
-from .params import ParameterError
+from .errors import ParameterError
 
 DEFINITIONS = ("loss", "norm")
 

@@ -4,7 +4,7 @@ Chapter 03 uses these helpers:
 
 * :func:`class_row` -- one row of the class table, computed from the registry;
 * :func:`phi_slope` -- the log-log slope of ``|phi_sigma(z)|`` near 0 (it is ``q``);
-* :func:`chain_escape_times` -- escape time vs eps for one activation on :class:`~saddle_escape.reduced.ScalarChain`
+* :func:`chain_escape_times` -- escape time vs eps for one activation on :class:`~saddle_escape.sim.reduced.ScalarChain`
   with all ``L`` layers at scale eps (one pilot for the post-escape reference, one batched sweep);
 * :func:`prefactor` -- the rescaling constants ``K^(sigma)``: ``"chain"`` is ``beta1^(L-1)`` (derived
   from ``y_hat ~ beta1^(L-1) prod X_l g`` near the saddle), ``"writeup"`` is the write-up's
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import activations, escape, integrate
-from .data import DTYPE, ScalarTeacher
-from .reduced import ScalarChain, bottleneck_scales
+from ..sim import activations, escape, integrate
+from ..sim.data import DTYPE, ScalarTeacher
+from ..sim.reduced import ScalarChain, bottleneck_scales
 
 
 def class_row(name: str) -> dict:

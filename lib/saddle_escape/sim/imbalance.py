@@ -44,7 +44,7 @@ def rate_identity(net: MLP, data: Dataset, loss: str, theta: torch.Tensor, phi=N
     """Right side: ``2 E[<W_{l+1}^T grad_{z_{l+1}} l, phi_sigma(z_l)>]`` (B, L-1).
 
     ``phi`` replaces the activation's ``phi_sigma`` evaluation (e.g. a series that stays
-    accurate at tiny ``z``, :func:`saddle_escape.drift.series_phi`)."""
+    accurate at tiny ``z``, :func:`saddle_escape.studies.drift.series_phi`)."""
     ell = get_loss(loss)
     with torch.enable_grad():
         th = theta.detach().requires_grad_(True)

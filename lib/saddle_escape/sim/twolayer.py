@@ -198,6 +198,11 @@ class TwoLayer:
         """The gradient-flow vector field of :meth:`loss` on `data`, for :func:`~.integrate.solve`."""
         return GradientFlow(lambda theta: self.loss(theta, data))
 
+    def hessian(self, theta: torch.Tensor, data: Dataset) -> torch.Tensor:
+        """The loss Hessian at each run's parameters: (B, P, P) for `theta` (B, P)."""
+        one = lambda th: self.loss(th.unsqueeze(0), data).squeeze(0)  # noqa: E731
+        return torch.func.vmap(torch.func.hessian(one))(theta)
+
     def init(self, eps, seeds: Sequence[int], dtype=DTYPE, device=None) -> torch.Tensor:
         """``theta = eps * xi``, ``xi ~ N(0, 1)`` per entry from each run's seed: (B, P).
 

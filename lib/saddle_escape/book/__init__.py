@@ -6,3 +6,4 @@ A chapter uses :class:`ChapterRun` (claims, figures, glue, results JSON), :mod:`
 """
 from .chapter import (COMMAND_ENV, ChapterRun, ClaimsFailed, claims_markdown, describe_expected,  # noqa: F401
                       fmt_value, markdown_table, set_torch_threads, write_json_atomic)
+from .executor import task_map  # noqa: F401,E402  (a chapter's inner loops: map over the cluster)

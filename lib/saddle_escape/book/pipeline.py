@@ -39,7 +39,7 @@ from .chapter import COMMAND_ENV, describe_expected, fmt_value, markdown_table
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PROFILES = ("quick", "full")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the key includes the environment
 RESERVED = ("results_dir", "figures_dir")  # decided by --out, not by -p
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 JUPYTER_BOOK = "from jupyter_book.cli.main import main; main()"
@@ -183,13 +183,35 @@ def sha256_tree(folder: Path, pattern: str = "**/*.py") -> str:
     return digest.hexdigest()
 
 
-def cache_key(source: Path, package_dir: Path, parameters: dict) -> str:
-    """What a cached run depends on: the chapter source, the package source, the parameters."""
+KEYED_PACKAGES = ("torch", "numpy", "scipy", "sympy")
+
+
+def environment_fingerprint(parameters: dict | None = None) -> dict:
+    """The part of the environment a cached run depends on: the Python and torch, numpy, scipy,
+    sympy versions (read from package metadata: nothing is imported), and the run's device and
+    dtype. A dependency upgrade thus re-executes instead of serving results it did not make."""
+    import platform
+
+    from .provenance import package_version
+
+    parameters = parameters or {}
+    record = {"python": platform.python_version()}
+    record.update({name: package_version(name) for name in KEYED_PACKAGES})
+    record.update(device=str(parameters.get("device", "cpu")),
+                  dtype=str(parameters.get("dtype", "float64")).removeprefix("torch."))
+    return record
+
+
+def cache_key(source: Path, package_dir: Path, parameters: dict,
+              environment: dict | None = None) -> str:
+    """What a cached run depends on: the chapter source, the package source, the parameters, and
+    the environment (:func:`environment_fingerprint`, computed when not given)."""
     record = {
         "format": CACHE_FORMAT,
         "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
         "package": sha256_tree(package_dir),
         "parameters": parameters,
+        "environment": environment if environment is not None else environment_fingerprint(parameters),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=repr).encode()).hexdigest()
 
@@ -232,7 +254,7 @@ class ChapterResult:
             return "\n".join(lines)
         passed = sum(c["passed"] for c in self.claims)
         how = (f"ran in {self.wall_time_s:.1f} s" if self.status == "ran"
-               else "cached (source, package and parameters unchanged; --force re-runs it)")
+               else "cached (source, package, parameters and environment unchanged; --force re-runs it)")
         n_figs = len(list(self.figures_dir.glob("*"))) if self.figures_dir.exists() else 0
         return "\n".join([
             f"chapter {self.chapter}: {how}; claims {passed}/{len(self.claims)} passed",
@@ -368,8 +390,9 @@ def run_chapter(source: str | Path, out_dir: str | Path, parameters: dict | None
                           f"results/{chapter}.json (does its last cell call run.finish()?)")
     else:
         _cache_file(out_dir, chapter).parent.mkdir(parents=True, exist_ok=True)
-        _cache_file(out_dir, chapter).write_text(json.dumps({"key": key, "parameters": parameters},
-                                                            indent=2), encoding="utf-8")
+        _cache_file(out_dir, chapter).write_text(json.dumps(
+            {"key": key, "parameters": parameters,
+             "environment": environment_fingerprint(parameters)}, indent=2), encoding="utf-8")
     return result
 
 
@@ -399,30 +422,103 @@ def _error_message(chapter: str, error: Exception) -> str:
     return line
 
 
+# --------------------------------------------------------------------------- running many chapters
+
+@dataclass(frozen=True)
+class ChapterTask:
+    """One :func:`run_chapter` call, as shipped to a worker (plain, picklable data)."""
+
+    source: Path
+    out_dir: Path
+    parameters: dict = field(default_factory=dict)
+    profile: str = "full"
+    package_dir: Path = PACKAGE_DIR
+    force: bool = False
+
+    @property
+    def chapter(self) -> str:
+        return Path(self.source).stem
+
+
+def run_chapter_task(task: ChapterTask, stderr: TextIO | None = None) -> ChapterResult:
+    """:func:`run_chapter` for an executor: never raises (a failure is a ``"failed"`` result with
+    its one-line reason), and the kernel gets no scheduler address -- the chapters are the
+    parallel tasks here, so their inner loops run sequentially instead of queueing behind them."""
+    from .executor import SCHEDULER_ENV, scoped_environ
+
+    try:
+        with scoped_environ(**{SCHEDULER_ENV: None}):
+            return run_chapter(task.source, task.out_dir, task.parameters, profile=task.profile,
+                               package_dir=task.package_dir, force=task.force, stderr=stderr)
+    except Exception as err:  # PipelineError, or anything unexpected on the worker
+        return ChapterResult(task.chapter, "failed", Path(task.out_dir),
+                             message=f"chapter {task.chapter} failed: {type(err).__name__}: "
+                                     f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+
+
+def check_task(task: ChapterTask) -> None:
+    """Refuse (:class:`PipelineError`) a task whose parameters the chapter does not have, before
+    anything runs anywhere."""
+    known = [spec.name for spec in parameter_specs(read_notebook(Path(task.source)))]
+    for name in task.parameters:
+        if name in RESERVED:
+            raise PipelineError(f"{name} is set by --out, not by -p")
+        if name not in known:
+            raise PipelineError(f"chapter {task.chapter} has no parameter {name!r} "
+                                f"(its parameters: {', '.join(known)})")
+
+
+def run_chapters(tasks: list[ChapterTask], executor=None, *, stderr: TextIO | None = None,
+                 on_result=None) -> list[ChapterResult]:
+    """Run `tasks` through `executor` (default: in this process, one after the other) and return
+    their results in input order; ``on_result(index, result)`` is called as each finishes. Every
+    task runs to its end even when another fails. The kernel's stderr is copied to `stderr` only
+    in the sequential case (parallel progress bars would interleave)."""
+    from functools import partial
+
+    from .executor import SerialExecutor
+
+    for task in tasks:
+        check_task(task)
+    executor = executor or SerialExecutor()
+    fn = (partial(run_chapter_task, stderr=stderr) if isinstance(executor, SerialExecutor)
+          else run_chapter_task)
+    results: list = [None] * len(tasks)
+    for index, result in executor.as_completed(fn, tasks):
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+    return results
+
+
 # --------------------------------------------------------------------------- building the book
 
 def build_book(project: Project, profile: str = "full", *, force: bool = False,
                strict: bool = True, path_output: Path | None = None,
-               stderr: TextIO | None = None, log: TextIO = sys.stdout) -> int:
+               stderr: TextIO | None = None, log: TextIO = sys.stdout, executor=None) -> int:
     """Run every chapter of ``_toc.yml`` that has a source, stage, and build the HTML.
 
     Returns a process exit code: 0 when every chapter passed and jupyter-book succeeded.
     `strict` adds ``-n -W --keep-going`` (nitpicky, warnings are errors). The HTML lands in
     ``<path_output>/_build/html`` (default: the repo root for full, ``_build/quick`` for quick).
+    The chapters run through `executor` (:mod:`.executor`; default one after the other, here);
+    staging and the HTML build wait for all of them.
     """
     out = project.out_dir(profile)
     path_output = Path(path_output or (project.root if profile == "full" else out)).resolve()
-    chapters = []
+    tasks = []
     for doc in toc_chapter_docs(project.root / "_toc.yml"):
         source = project.chapter_source(doc)
         if not source.is_file():
             print(f"note: {doc} is in _toc.yml but {source.name} does not exist yet; left out",
                   file=log)
             continue
-        result = run_chapter(source, out, profile=profile, package_dir=project.package_dir,
-                             force=force, stderr=stderr)
-        print(result.report(), file=log)
-        chapters.append(result)
+        tasks.append(ChapterTask(source, out, profile=profile, package_dir=project.package_dir,
+                                 force=force))
+    if executor is not None and executor.workers > 1:
+        print(f"book: {len(tasks)} chapter(s) on {executor.describe()}", file=log, flush=True)
+    chapters = run_chapters(tasks, executor, stderr=stderr,
+                            on_result=lambda i, r: print(r.report(), file=log, flush=True))
     failed = [r for r in chapters if not r.ok]
     if failed:
         print(f"book: {len(failed)} chapter(s) failed, HTML not built:", file=log)

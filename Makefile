@@ -1,4 +1,5 @@
-# Saddle Escape — `make book` builds the HTML book, `make test` runs the tests.
+# Saddle Escape — `make book` builds the HTML book (`make book JOBS=2`: two chapters at once),
+# `make test` runs the tests.
 # Both create .venv (with $(PYTHON) -m venv) and install the package with its pinned
 # dependencies when needed. To use an environment you already have (e.g. conda, see
 # environment.yml) instead of .venv:  make test VENV=   or   make test PY=python
@@ -6,6 +7,7 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 PROFILE ?= full
+JOBS    ?= 1
 CH      ?=
 ARGS    ?=
 PIP_ARGS ?=
@@ -36,8 +38,9 @@ endif
 
 venv: $(STAMP)
 
+# JOBS=N executes N chapters at once (each in its own process); staging and HTML wait for all.
 book: venv
-	$(PY) -m saddle_escape book --profile $(PROFILE)
+	$(PY) -m saddle_escape book --profile $(PROFILE) -j $(JOBS)
 
 test: venv
 	$(PY) -m pytest tests

@@ -41,17 +41,26 @@ class ScalarChain:
         self.g, self.w = gauss_hermite(n_nodes, device=device)
         self.y = self.teacher(self.g)
 
+    def forward(self, X: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The chain's forward pass at scales ``X`` (B, L): pre-activations ``[z_1, ..., z_{L-1}]``,
+        layer inputs ``[u_0 = g/sqrt(N), u_1 = sigma(z_1), ..., u_{L-1}]`` (each (B, n_nodes) but
+        ``u_0``, which is (1, n_nodes)) and ``y_hat`` (B, n_nodes). One loop serves the loss, the
+        pre-activations and the hand-written backward pass of chapter 05's ``ChainFlow``."""
+        sigma = self.activation.fn
+        rootN = math.sqrt(self.width)
+        us, zs = [self.g[None, :] / rootN], []
+        for l in range(self.depth - 1):
+            zs.append(X[:, l:l + 1] * us[-1])
+            us.append(sigma(zs[-1]))
+        return zs, us, rootN * X[:, -1:] * us[-1]
+
     def preactivations(self, X: torch.Tensor) -> list[torch.Tensor]:
         """``z_1, ..., z_{L-1}`` at the quadrature nodes, each (B, n_nodes), for scales ``X`` (B, L)."""
-        sigma = self.activation.fn
-        zs = [X[:, :1] * self.g[None, :] / math.sqrt(self.width)]
-        for l in range(1, self.depth - 1):
-            zs.append(X[:, l:l + 1] * sigma(zs[-1]))
-        return zs
+        return self.forward(X)[0]
 
     def output(self, X: torch.Tensor) -> torch.Tensor:
         """``y_hat`` at the quadrature nodes, shape (B, n_nodes), for scales ``X`` (B, L)."""
-        return math.sqrt(self.width) * X[:, -1:] * self.activation.fn(self.preactivations(X)[-1])
+        return self.forward(X)[2]
 
     def loss(self, X: torch.Tensor) -> torch.Tensor:
         """Population loss (B,) at layer scales ``X`` (B, L)."""

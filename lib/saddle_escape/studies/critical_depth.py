@@ -60,13 +60,9 @@ class ChainFlow(GradientFlow):
     def _analytic(self, X):
         """``(-grad L, L)``; the MSE loss comes free with the residuals, so events reuse it."""
         c = self.chain
-        sigma, dsigma = c.activation.fn, c.activation.dfn
+        dsigma = c.activation.dfn
         rootN = math.sqrt(c.width)
-        us, zs = [c.g[None, :] / rootN], []
-        for l in range(c.depth - 1):
-            zs.append(X[:, l:l + 1] * us[-1])
-            us.append(sigma(zs[-1]))
-        yhat = rootN * X[:, -1:] * us[-1]
+        zs, us, yhat = c.forward(X)
         resid = yhat - c.y[None, :]
         delta = resid * c.w[None, :]
         grad = torch.empty_like(X)

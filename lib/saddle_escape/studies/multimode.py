@@ -120,14 +120,10 @@ def strength_for_gain(gain: float, c_learned: float, b: float, n_nodes: int = 20
     return gain * c_learned * math.sqrt(T["Et1sq"] * T["Et2"]) / (T["Etg"] * T["Et1"])
 
 
-def block_network(n_modes: int) -> MLP:
-    """The smallest block-aligned network: d = width = output = n_modes, tanh."""
-    return MLP((n_modes, n_modes, n_modes), _tanh())
-
-
-def _tanh():
-    from ..sim import activations
-    return activations.get("tanh")
+def block_network(n_modes: int, width: int | None = None) -> MLP:
+    """The two-layer tanh network on the multi-mode teacher: d = output = n_modes, hidden
+    ``width`` (default n_modes, the smallest block-aligned network)."""
+    return MLP.build(n_modes, n_modes if width is None else width, 2, "tanh", output_dim=n_modes)
 
 
 def stage_saddle(teacher: ModeTeacher, stage: int) -> torch.Tensor:
@@ -163,6 +159,11 @@ def reverse_pairs(net: MLP, stage: int) -> list[tuple[int, int, list[int]]]:
     n = net.widths[0]
     return [(i, j, [flat_index(net, 1, j, i), flat_index(net, 2, i, j)])
             for i in range(stage) for j in range(stage, n)]
+
+
+def mixed_indices(net: MLP, stage: int) -> list[int]:
+    """Flat indices of every mixed-loop coordinate (the pairs of :func:`mixed_pairs`, in order)."""
+    return [q for _, _, pair in mixed_pairs(net, stage) for q in pair]
 
 
 def loss_hessian(net: MLP, data: Dataset, theta: torch.Tensor) -> torch.Tensor:
@@ -225,7 +226,7 @@ def threshold_gain(n_modes: int, stage: int, n_nodes: int, scale: float = 1.0,
     def top(g):
         teacher = teacher_at_gain(g, n_modes, stage, scale, n_nodes=n_nodes)
         H = hessian_rows(net, mode_data(teacher, n_nodes), stage_saddle(teacher, stage),
-                         [q for _, _, pair in mixed_pairs(net, stage) for q in pair])
+                         mixed_indices(net, stage))
         return max(float(-torch.linalg.eigvalsh(H[2 * b:2 * b + 2, 2 * b:2 * b + 2])[0])
                    for b in range(H.shape[0] // 2))
     return float(brentq(top, lo, hi, xtol=xtol))
@@ -242,7 +243,7 @@ def hessian_rows(net: MLP, data: Dataset, theta: torch.Tensor, idx: list[int]) -
 
 def mixed_norm(net: MLP, stage: int, theta: torch.Tensor) -> torch.Tensor:
     """Norm (B,) of the mixed-loop coordinates of ``theta`` (B, P)."""
-    idx = [q for _, _, pair in mixed_pairs(net, stage) for q in pair]
+    idx = mixed_indices(net, stage)
     return theta[:, idx].norm(dim=-1)
 
 
@@ -255,7 +256,7 @@ def perturbation_growth(teacher: ModeTeacher, stage: int, n_nodes: int, delta: f
     net = block_network(teacher.n_modes)
     data = mode_data(teacher, n_nodes)
     theta = stage_saddle(teacher, stage)
-    idx = [q for _, _, pair in mixed_pairs(net, stage) for q in pair]
+    idx = mixed_indices(net, stage)
     gen = torch.Generator().manual_seed(int(seed))
     kick = torch.randn(len(idx), generator=gen, dtype=DTYPE)
     theta[0, idx] += delta * kick / kick.norm()
@@ -278,7 +279,7 @@ def staircase(teacher: ModeTeacher, width: int, eps: float, t_max: float, n_node
     from ..sim.networks import he_normal
 
     n = teacher.n_modes
-    net = MLP.build(n, width, 2, "tanh", output_dim=n)
+    net = block_network(n, width)
     data = mode_data(teacher, n_nodes)
     loss = population_loss(net, data)
     theta0 = he_normal(net, [seed], eps=eps, bottleneck=(1, 2))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..sim import fits
 from ..sim.data import Dataset
 from ..sim.integrate import Event, GradientFlow, PIController, SaveAt, last_value_cache, solve
 from ..sim.networks import MLP, manifold_distance
@@ -133,7 +134,7 @@ def log_derivative_exponent(gamma, rate, lo, hi):
     keep = np.isfinite(gamma) & np.isfinite(rate) & (gamma >= lo) & (gamma <= hi) & (rate > 0)
     if keep.sum() < 3:
         return math.nan
-    return float(np.polyfit(np.log(gamma[keep]), np.log(rate[keep]), 1)[0])
+    return fits.linear_fit(np.log(gamma[keep]), np.log(rate[keep]))[0]
 
 
 def digits_covariance(input_dim: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..sim import activations, escape, integrate
+from ..sim import activations, escape, fits, integrate
 from ..sim.data import DTYPE, ScalarTeacher
 from ..sim.reduced import ScalarChain, bottleneck_scales
 
@@ -51,7 +51,7 @@ def phi_slope(name: str, z_min: float = 1e-3, z_max: float = 1e-2, n: int = 9) -
     p = phi_values(name, z)
     if np.all(p == 0):
         return float("nan")
-    return float(np.polyfit(np.log(z), np.log(p), 1)[0])
+    return fits.linear_fit(np.log(z), np.log(p))[0]
 
 
 def last_layer_norm(X: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ Exit status: 0 success, 1 a chapter, a grid point or the HTML build failed, 2 a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import executor as executors
@@ -107,13 +108,14 @@ def _run(args: argparse.Namespace, project: pipeline.Project, source) -> int:
     if profile not in pipeline.PROFILES:
         raise pipeline.PipelineError(f"profile = {profile!r} is not allowed: must be 'quick' or 'full'")
     out = args.out or project.out_dir(profile)
-    scheduler = args.scheduler or None
+    scheduler = args.scheduler or os.environ.get(executors.SCHEDULER_ENV) or None
     if scheduler is None and args.workers is not None:
         raise pipeline.PipelineError("--workers needs --scheduler local (run executes one chapter; "
                                      "its inner loops use a cluster only when one is given)")
-    if scheduler is None:  # $SADDLE_ESCAPE_SCHEDULER, if set, reaches the kernel as it is
+    if scheduler is None:
         return _run_chapter(source, out, overrides, profile, project, args.force)
-    # The kernel connects to the cluster through the environment (book.task_map).
+    # Connected here first (an unreachable address fails in one line, before the kernel starts);
+    # the kernel connects to the same cluster through the environment (book.task_map).
     with executors.open_executor(scheduler, args.workers) as ex:
         with executors.scoped_environ(**{executors.SCHEDULER_ENV: ex.address}):
             return _run_chapter(source, out, overrides, profile, project, args.force)

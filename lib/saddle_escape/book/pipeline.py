@@ -29,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tokenize
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .chapter import COMMAND_ENV, describe_expected, fmt_value, markdown_table
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PROFILES = ("quick", "full")
 CACHE_FORMAT = 2  # 2: the key includes the environment
+KERNEL_START_TIMEOUT_S = 300  # papermill's 60 s is too short for parallel chapters on a busy machine
 RESERVED = ("results_dir", "figures_dir")  # decided by --out, not by -p
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 JUPYTER_BOOK = "from jupyter_book.cli.main import main; main()"
@@ -293,9 +295,20 @@ def _kernel_manager_class():
         talks over Unix sockets, which nothing else on the machine can listen to."""
 
         def __init__(self, **kwargs):
+            self._ipc_dir = None
             if os.name == "posix":
                 kwargs.setdefault("transport", "ipc")
+                # Sockets in a folder of this kernel's own: jupyter_client numbers ipc sockets by
+                # the first free name next to `ip` (default: the working directory), and two
+                # kernels started at once in one output folder (book -j) would pick the same.
+                self._ipc_dir = tempfile.mkdtemp(prefix="saddle-escape-kernel-")
+                kwargs.setdefault("ip", os.path.join(self._ipc_dir, "kernel"))
             super().__init__(**kwargs)
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if self._ipc_dir and not restart:
+                shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
         async def _async_interrupt_kernel(self):
             # jupyter_client interrupts before every shutdown; papermill only shuts down an idle
@@ -366,6 +379,7 @@ def run_chapter(source: str | Path, out_dir: str | Path, parameters: dict | None
         papermill.execute_notebook(
             nb, str(result.notebook), parameters=parameters, kernel_name=KERNELSPEC["name"],
             language="python", cwd=str(out_dir), progress_bar=False, log_output=False,
+            start_timeout=KERNEL_START_TIMEOUT_S,
             stderr_file=stderr, kernel_manager_class=_kernel_manager_class())
         error = None
     except Exception as err:  # a cell raised (PapermillExecutionError), or the kernel died
@@ -588,11 +602,11 @@ def stage_book(project: Project, chapters: list[str], out: Path, dest: Path) -> 
         for cell in nb.cells:
             cells.append(cell)
             tags = cell.setdefault("metadata", {}).setdefault("tags", [])
-            if "injected-parameters" in tags and "hide-cell" not in tags:
-                tags.append("hide-cell")  # collapsed on the page, one click away
-            elif is_presentation_cell(cell) and not {"hide-input", "show-input"} & set(tags):
-                tags.append("hide-input")
+            hide = page_visibility(cell)
+            if hide and hide not in tags:
+                tags.append(hide)
             if cell.cell_type == "code":
+                _describe_figure(cell)
                 # myst-nb wraps *every* output of a `mystnb: figure` cell in the figure (a
                 # duplicate label otherwise), so the provenance line becomes the next block.
                 notes = [o for o in cell.outputs if _is_provenance(o)]
@@ -604,6 +618,81 @@ def stage_book(project: Project, chapters: list[str], out: Path, dest: Path) -> 
 
 
 PRESENTATION_CALLS = re.compile(r"\brun\.(figure|table|finish)\(")
+VISIBILITY_TAGS = {"remove-cell", "remove-input", "hide-cell", "hide-input", "show-input"}
+RECORD_CALLS = {("run", "glue"), ("run", "claim"), ("run", "family"), ("run", "at_a_glance"),
+                ("run", "try_it"), ("P", "require")}
+
+
+def page_visibility(cell) -> str | None:
+    """The tag that decides how much of a code cell the page shows, chosen at staging time so
+    every chapter (old or new) reads the same way without per-chapter tags:
+
+    * the `parameters` cell stays open (it documents the knobs), and so does a cell its author
+      tagged ``show-input`` or with any other visibility tag;
+    * papermill's injected-parameters cell is removed (the provenance line under every figure
+      names the command and the parameters of the run);
+    * the cell that opens the run (``ChapterRun(``: imports, defaults, validation) is folded
+      whole, one click away;
+    * a cell that only records (``run.glue``/``run.claim``/``P.check_*`` calls, also inside
+      ``for``/``if`` blocks) and shows nothing is removed: the claims table and the prose show
+      what it recorded;
+    * every other code cell (the experiment, the plotting) is folded to its output.
+    """
+    if cell.get("cell_type") != "code":
+        return None
+    tags = set(cell.get("metadata", {}).get("tags", []))
+    if "parameters" in tags or VISIBILITY_TAGS & tags:
+        return None
+    if "injected-parameters" in tags:
+        return "remove-cell"
+    source = cell.get("source", "")
+    if "ChapterRun(" in source:
+        return "hide-cell"
+    if is_record_only(source) and not _shows_something(cell):
+        return "remove-cell"
+    return "hide-input"
+
+
+def is_record_only(source: str) -> bool:
+    """Whether a cell only records: glue, claims and parameter checks, possibly in loops."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return False
+
+    def recording(st) -> bool:
+        if isinstance(st, (ast.For, ast.If)):
+            return all(recording(s) for s in st.body + st.orelse)
+        if not isinstance(st, ast.Expr) or not isinstance(st.value, ast.Call):
+            return False
+        func = st.value.func
+        if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)):
+            return False
+        return (func.value.id, func.attr) in RECORD_CALLS or (
+            func.value.id == "P" and func.attr.startswith("check_"))
+    return bool(body) and all(recording(st) for st in body)
+
+
+def _shows_something(cell) -> bool:
+    return any(o.get("output_type") in ("display_data", "execute_result", "error")
+               or (o.get("output_type") == "stream" and o.get("name") == "stdout")
+               for o in cell.get("outputs", []))
+
+
+def _describe_figure(cell) -> None:
+    """Give a figure's image an alt text (the caption recorded by ``run.figure``, else the
+    cell's figure caption) instead of Sphinx's default, the hashed file name."""
+    alt = None
+    for o in cell.get("outputs", []):
+        alt = alt or o.get("metadata", {}).get("image/png", {}).get("alt")
+    mystnb = cell.setdefault("metadata", {}).get("mystnb") or {}
+    alt = alt or (mystnb.get("figure") or {}).get("caption")
+    if alt is None or not any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
+        return
+    image = mystnb.setdefault("image", {})
+    image.setdefault("alt", " ".join(str(alt).split()))
+    image.setdefault("classes", "book-figure")
+    cell.metadata["mystnb"] = mystnb
 
 
 def is_presentation_cell(cell) -> bool:
@@ -668,26 +757,77 @@ def _doc_link(chapter: str, text: str | None = None) -> str:
 
 
 def claims_ledger(chapters: list[str], results_dir: Path) -> str:
-    """Markdown: when and from what this build was made, then every claim of the book's chapters
-    in one table with its status."""
+    """Markdown: when and from what this build was made, then a section per chapter with its
+    count, one row per claim family (its worst case, linked to the claim's row in the chapter)
+    and every claim of the chapter in a folded table."""
     from datetime import datetime, timezone
 
+    from .chapter import claim_anchor, claim_view, family_sentence, group_families
     from .provenance import git_commit
 
-    rows, seconds = [], 0.0
+    sections, total, passed, seconds = [], 0, 0, 0.0
     for chapter in chapters:
         results = _read_json(results_dir / f"{chapter}.json") or {"claims": []}
         seconds += results.get("wall_time_s") or 0.0
-        for c in results["claims"]:
-            rows.append(["✓" if c["passed"] else "✗", _doc_link(chapter, chapter.split("_")[0]),
-                         f"{c['statement']} (`{c['key']}`)", describe_expected(c), c["measured"]])
-    if not rows:
+        claims = results["claims"]
+        if not claims:
+            continue
+        ok = sum(c["passed"] for c in claims)
+        total, passed = total + len(claims), passed + ok
+        page = f"../chapters/{chapter}.html"
+        rows = []
+        for family, members in group_families(claims).items():
+            sentence = family_sentence(members, results.get("families", {}).get(family), markdown=True)
+            sentence = sentence.replace('href="#', f'href="{page}#')
+            statement = results.get("families", {}).get(family) or members[0]["statement"]
+            rows.append(f"| {'✓' if all(c['passed'] for c in members) else '✗'} | "
+                        f"{_cell(statement)} | {_cell(sentence)} |")
+        everything = []
+        for c in claims:
+            v = claim_view(c, math_mode=True)
+            measured = f"{v['label']} = {v['measured']}" if v["label"] else v["measured"]
+            everything.append(f"| {'✓' if c['passed'] else '✗'} | "
+                              f"<a href=\"{page}#{claim_anchor(c['key'])}\">{_html(c['key'])}</a> | "
+                              f"{_cell(measured)} | {_cell(v['expected'])} |")
+        sections.append(
+            f"## {_chapter_title(results_dir, chapter)}\n\n"
+            f"{ok} of {len(claims)} claims hold, in {len(rows)} families "
+            f"({_doc_link(chapter, 'the chapter')}).\n\n"
+            "| | claim | this build |\n|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            f"````{{dropdown}} All {len(claims)} claims of this chapter\n"
+            "| | key | measured | expected |\n|---|---|---|---|\n" + "\n".join(everything)
+            + "\n````\n")
+    if not total:
         return "*No chapter has been executed in this build yet, so there are no claims to list.*"
-    passed = sum(r[0] == "✓" for r in rows)
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = (f"**{passed} of {len(rows)} claims hold** in this build, made on {built} from commit "
+    head = (f"**{passed} of {total} claims hold** in this build, made on {built} from commit "
             f"`{git_commit()[:10]}`; executing its chapters took {seconds / 60:.1f} minutes.\n\n")
-    return head + markdown_table(["", "chapter", "claim", "expected", "measured"], rows)
+    return head + "\n".join(sections)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _html(text: str) -> str:
+    from html import escape
+    return escape(text)
+
+
+def _chapter_title(results_dir: Path, chapter: str, nb=None) -> str:
+    """"Chapter 5 · The critical-depth law": the number from the name, the title from the
+    notebook's first heading (default: the executed notebook next to ``results_dir``)."""
+    title = chapter.partition("_")[2].replace("_", " ")
+    try:
+        import nbformat
+        nb = nb or nbformat.read(results_dir.parent / "executed" / f"{chapter}.ipynb", as_version=4)
+        heads = [ln[2:].strip() for c in nb.cells if c.cell_type == "markdown"
+                 for ln in c.source.splitlines() if ln.startswith("# ")]
+        title = heads[0] if heads else title
+    except (OSError, ValueError):
+        pass
+    number = chapter.split("_")[0]
+    return f"Chapter {int(number)} · {title}" if number.isdigit() else title
 
 
 def parameter_tables(project: Project, chapters: list[str]) -> str:
@@ -696,9 +836,11 @@ def parameter_tables(project: Project, chapters: list[str]) -> str:
         return "*No chapter is part of this build yet.*"
     parts = []
     for chapter in chapters:
-        specs = parameter_specs(read_notebook(project.chapters_dir / f"{chapter}.md"))
+        nb = read_notebook(project.chapters_dir / f"{chapter}.md")
+        specs = parameter_specs(nb)
         rows = [[f"`{s.name}`", f"`{s.default}`", s.comment] for s in specs]
-        parts.append(f"### {_doc_link(chapter)}\n\n"
+        parts.append(f"### {_chapter_title(project.root, chapter, nb)}\n\n"
+                     f"{_doc_link(chapter, 'Read the chapter')}.\n\n"
                      + markdown_table(["parameter", "default", "meaning and allowed values"], rows)
                      + f"\n\n```bash\npython -m saddle_escape run {chapter.split('_')[0]}"
                        f" -p seed 1\n```\n")

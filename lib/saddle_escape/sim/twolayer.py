@@ -199,9 +199,18 @@ class TwoLayer:
         return GradientFlow(lambda theta: self.loss(theta, data))
 
     def hessian(self, theta: torch.Tensor, data: Dataset) -> torch.Tensor:
-        """The loss Hessian at each run's parameters: (B, P, P) for `theta` (B, P)."""
-        one = lambda th: self.loss(th.unsqueeze(0), data).squeeze(0)  # noqa: E731
-        return torch.func.vmap(torch.func.hessian(one))(theta)
+        """The loss Hessian at each run's parameters: (B, P, P) for `theta` (B, P).
+
+        Row by row with double backward (the runs are independent, so one backward pass of the
+        summed gradient's entry p gives row p of every run's Hessian). ``torch.func.hessian``
+        gives the same numbers but its first call imports torch._dynamo, 10-20 s on a busy machine.
+        """
+        with torch.enable_grad():
+            th = theta.detach().clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.loss(th, data).sum(), th, create_graph=True)
+            rows = [torch.autograd.grad(g[:, p].sum(), th, retain_graph=True, allow_unused=True)[0]
+                    for p in range(th.shape[-1])]
+        return torch.stack([torch.zeros_like(th) if r is None else r for r in rows], dim=1).detach()
 
     def init(self, eps, seeds: Sequence[int], dtype=DTYPE, device=None) -> torch.Tensor:
         """``theta = eps * xi``, ``xi ~ N(0, 1)`` per entry from each run's seed: (B, P).
@@ -246,3 +255,36 @@ def incontext_regression(n_sequences: int, token_dim: int, context_length: int, 
     y = (xq * w).sum(-1, keepdim=True)
     weights = torch.full((n_sequences,), 1.0 / n_sequences, dtype=DTYPE)
     return Dataset(x.to(dtype), y.to(dtype), weights.to(dtype))
+
+
+# ------------------------------------------------------------------ exact population losses
+
+def population_loss_linear(model: TwoLayer, theta: torch.Tensor, teacher: torch.Tensor,
+                           covariance: torch.Tensor | None = None) -> torch.Tensor:
+    """``1/2 E||T x - W x||^2`` for ``x ~ N(0, Sigma)`` (Sigma = I by default), linear FC only:
+    ``1/2 tr((T - W) Sigma (T - W)^T)`` with ``W = sum_i v_i u_i^T``: (B,)."""
+    if model.unit.name != "linear":
+        raise ParameterError("unit", model.unit.name, "must be linear for this population loss")
+    V, U = model.unflatten(theta)
+    D = teacher.to(theta.dtype) - V.transpose(-1, -2) @ U                    # (B, m, d)
+    S = torch.eye(model.input_dim, dtype=theta.dtype) if covariance is None else covariance.to(theta.dtype)
+    return 0.5 * torch.einsum("bmi,ij,bmj->b", D, S, D)
+
+
+def population_loss_quadratic(model: TwoLayer, theta: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``1/2 E||y - f(x)||^2`` for quadratic units, ``x ~ N(0, I)`` and the teacher
+    ``y_m = x^T A_m x`` (`teacher` (m, d, d), or (d, d) for one output): (B,).
+
+    The student is ``f_m = x^T B_m x`` with ``B_m = sum_i V_im u_i u_i^T``; for a symmetric
+    ``C = A_m - B_m``, Isserlis' theorem gives ``E[(x^T C x)^2] = (tr C)^2 + 2 tr(C^2)``.
+    """
+    if model.unit.name != "quadratic":
+        raise ParameterError("unit", model.unit.name, "must be quadratic for this population loss")
+    A = teacher.to(theta.dtype)
+    A = A.unsqueeze(0) if A.ndim == 2 else A
+    A = 0.5 * (A + A.transpose(-1, -2))
+    V, U = model.unflatten(theta)                                           # (B, H, m), (B, H, d)
+    Bm = torch.einsum("bhm,bhi,bhj->bmij", V, U, U)
+    C = A.unsqueeze(0) - Bm
+    tr = torch.diagonal(C, dim1=-2, dim2=-1).sum(-1)
+    return 0.5 * (tr ** 2 + 2 * (C * C).sum((-1, -2))).sum(-1)

@@ -46,3 +46,17 @@ def test_drift_slope_class_b(dataset):
     sc = drift.drift_scaling("tanh", 3, 4, dataset, eps)
     assert abs(fits.power_law(sc["eps"], sc["rate"][:, 0]).slope - 5.0) < 0.01
     assert np.all(sc["rate"] > 0)
+
+
+def test_identity_test_points_have_unit_preactivations():
+    """The identity is checked where every activation works at O(1) arguments (a deep quadratic
+    net at plain He-normal weights has pre-activations many orders of magnitude larger)."""
+    import torch
+    from saddle_escape.sim import data as D
+    from saddle_escape.sim.networks import MLP, he_normal
+    from saddle_escape.studies import drift as dr
+    ds = D.single_index_samples(D.ScalarTeacher(linear=1.0, even=0.5, cubic=0.3), 32, 4, seed=0)
+    net = MLP.build(4, 8, 6, "quadratic")
+    _, zs = net.forward(dr.unit_preactivations(net, ds, he_normal(net, [0, 1])), ds.x)
+    for z in zs:
+        assert torch.allclose(z.pow(2).mean(dim=(-2, -1)).sqrt(), torch.ones(2, dtype=torch.float64))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 
 from ..sim import activations, escape, fits
 from ..sim.data import ScalarTeacher
@@ -240,22 +241,24 @@ def sorted_local_slopes(eps, t, log_law: bool = False) -> tuple[np.ndarray, np.n
 # ------------------------------------------------------------------ the chapter's measurements
 
 SLOPE_TOL = 0.005     # power-law window: local slopes within this of the smallest-eps one
-LOGLAW_TOL = 0.005    # log-law window: local dt/dlog(1/eps) within this (relative)
+LOGLAW_DECADES = 3.0  # r = 2: the log law is fitted on the smallest three decades of eps, fixed in
+                      # advance (a window grown while the points stay straight would make R² ~ 1 by choice)
+DEPTH_EPS_MAX = 1e-2  # depth check: the ratio t(L)/t(L_min) is fitted on every eps up to this
 
 
 def window(s: Sweep, definition: int = 0) -> np.ndarray:
-    """Asymptotic window (mask over ``s.eps``) by the stability rule of the chapter:
-    r >= 3 power-law local slopes, r = 2 log-law local slopes, r = 1 the last two decades."""
+    """Asymptotic window (mask over ``s.eps``) by the rule of the chapter: r >= 3 the power-law
+    local-slope stability rule, r = 2 the smallest three decades, r = 1 the last two decades."""
     ok = np.isfinite(s.times[:, definition])
     eps, t = s.eps[ok], s.times[ok, definition]
     mask = np.zeros(len(s.eps), bool)
-    if s.r == 1:
-        sub = eps <= 100 * eps.min() * (1 + 1e-9)
+    if s.r <= 2:
+        sub = eps <= (100 if s.r == 1 else 10 ** LOGLAW_DECADES) * eps.min() * (1 + 1e-9)
         if sub.sum() < 3:
             sub = np.ones_like(sub)
     else:
-        e, loc = sorted_local_slopes(eps, t, log_law=(s.r == 2))
-        sub = stable_window(eps, loc, SLOPE_TOL if s.r >= 3 else LOGLAW_TOL, relative=(s.r == 2))
+        e, loc = sorted_local_slopes(eps, t)
+        sub = stable_window(eps, loc, SLOPE_TOL)
     mask[np.flatnonzero(ok)[sub]] = True
     return mask
 
@@ -278,25 +281,30 @@ def measure(s: Sweep, mask: np.ndarray | None = None) -> dict:
     return out
 
 
-def depth_spread(sweeps: list[Sweep], decades: float | None = 2.0) -> tuple[float, tuple]:
-    """max over depths of (max/min - 1) of t(L)/t(L_min) on the common window -- for r = 2 of the
-    local log-law slopes dt/dlog(1/eps) instead (the additive constant depends on L).
-
-    The common window is the intersection of the sweeps' windows, restricted to the smallest
-    ``decades`` decades of eps (None: no restriction): the ratio reaches its limit only as
-    ``(C_L - C_L') a (r-2) eps^(r-2)``, which at r = 3 is still ~1% at eps = 1e-2."""
-    masks = [window(s) for s in sweeps]
-    common = np.logical_and.reduce(masks)
-    if decades is not None:
-        e0 = sweeps[0].eps
-        common &= e0 <= e0[common].min() * 10 ** decades * (1 + 1e-9)
-    if common.sum() < 2:
-        common = np.logical_and.reduce([np.isfinite(s.times[:, 0]) for s in sweeps])
-    eps = sweeps[0].eps[common]
-
-    def curve(s):
-        t = s.times[common, 0]
-        return sorted_local_slopes(eps, t, log_law=True)[1] if s.r == 2 else t
-    base = curve(sweeps[0])
-    spread = max(float(np.ptp(curve(s) / base) / np.min(curve(s) / base)) for s in sweeps[1:])
-    return spread, (float(eps.min()), float(eps.max()))
+def depth_limit(sweeps: list[Sweep], eps_max: float = DEPTH_EPS_MAX) -> list[dict]:
+    """Does the depth enter only through the leading rate ``a``? For one r >= 3 and several depths,
+    the ratio ``t(L)/t(L_min)`` approaches ``a(L_min)/a(L)`` as ``R_inf + c eps^(r-2)`` (eq.
+    ch05-closed-form: the O(1) offsets C_L decay relative to the leading term like eps^(r-2)).
+    Fitted by least squares in ``x = eps^(r-2)`` on every eps <= ``eps_max`` (fixed in advance);
+    one dict per depth L > L_min: fitted ``R_inf`` with its CI, the predicted ratio, the window."""
+    base = min(sweeps, key=lambda s: s.depth)
+    r = base.r
+    if r < 3:
+        raise ParameterError("r", r, "the depth-limit fit needs r >= 3 (a power law with a vanishing offset)")
+    out = []
+    for s in sweeps:
+        if s is base:
+            continue
+        ok = np.isfinite(s.times[:, 0]) & np.isfinite(base.times[:, 0]) & (s.eps <= eps_max * (1 + 1e-9))
+        x = s.eps[ok] ** (r - 2)
+        ratio = s.times[ok, 0] / base.times[ok, 0]
+        slope, intercept, *_ = fits.linear_fit(x, ratio)
+        n = int(ok.sum())
+        # the CI of the intercept from the ordinary least-squares formula (Student t, 95%)
+        resid = ratio - intercept - slope * x
+        se = math.sqrt(resid @ resid / max(n - 2, 1) * (1 / n + x.mean() ** 2 / ((x - x.mean()) @ (x - x.mean()))))
+        out.append({"r": r, "L": s.depth, "L_min": base.depth, "R_inf": intercept,
+                    "R_inf_half_width": float(stats.t.ppf(0.975, max(n - 2, 1)) * se),
+                    "predicted": base.rate / s.rate, "n_points": n,
+                    "window": (float(s.eps[ok].min()), float(s.eps[ok].max()))})
+    return out

@@ -160,6 +160,24 @@ def full_vs_reduced(chain: ScalarChain, X0: torch.Tensor, input_dim: int, ts: to
                         full.ys[:, :, L + 1], full.ys[:, :, L + 2], net, term, theta0)
 
 
+def distance_phases(traj: Trajectories, i_p: int, i_e: int, run: int = 1) -> dict:
+    """How the perturbed run's distance from the manifold evolves, phase by phase: the relative
+    distance ``dist / ||theta||`` at the end of the plateau (grid index ``i_p``) over its start
+    value, at the end of the grid over the plateau end, and -- when the grid runs at least half an
+    escape time past the escape ``i_e`` -- the change of the *absolute* distance over the second
+    half of the post-escape stretch (near 0: neutral; negative: attracting; positive: repelling).
+    Relative distances do not grow just because the weights grow, so they can show either answer."""
+    dist, rel = traj.dist[run], traj.dist[run] / traj.norm[run]
+    n = traj.ts.numel()
+    out = {"rel_plateau": (rel[i_p] / rel[0]).item(), "rel_after": (rel[-1] / rel[i_p]).item(),
+           "rel_total": (rel[-1] / rel[0]).item(), "abs_total": (dist[-1] / dist[0]).item(),
+           "abs_escape": (dist[i_e] / dist[0]).item(), "after_change": None}
+    if traj.ts[-1] >= 1.5 * traj.ts[i_e]:
+        i_mid = (i_e + n - 1) // 2
+        out["after_change"] = (dist[-1] / dist[i_mid] - 1).item()
+    return out
+
+
 def gradient_row_spread(term: GradientFlow, net: MLP, theta: torch.Tensor, layer: int) -> float:
     """Row spread of the loss gradient of layer ``layer`` (1-based) relative to its norm: zero
     when a gradient step keeps that layer's rows identical."""
@@ -196,7 +214,9 @@ def gd_full_network(traj: Trajectories, step: float) -> torch.Tensor:
     """Gradient descent on the full network with learning rate ``step``: layer norms (T, L) on
     the grid (``step`` must equal the grid spacing)."""
     net = traj.net
-    sol = solve(traj.term, traj.theta0, float(traj.ts[-1]), solver=Euler(), controller=ConstantStep(step),
+    # half a step past the grid's end: k * step accumulated in float64 can land a hair before
+    # ts[-1], and a save point past the last step would come back NaN
+    sol = solve(traj.term, traj.theta0, float(traj.ts[-1]) + 0.5 * step, solver=Euler(), controller=ConstantStep(step),
                 saveat=SaveAt(traj.ts, fn=lambda th: networks.layer_norms(net, th)))
     return sol.ys[0]
 

@@ -77,6 +77,8 @@ def test_kink_lines_one_per_ray():
     theta = _two_ray_theta(model)
     assert rs.kink_lines(model, theta, scale=1.0) == [2]
     assert rs.kink_lines(model, theta * 1e-3, scale=1.0) == [0]
+    # one threshold with the rays: the weak ray (amplitude 0.4, size 0.2) drops out of both at scale 5
+    assert rs.ray_count(model, theta, scale=5.0) == [1] and rs.kink_lines(model, theta, scale=5.0) == [1]
     # the raw full-circle count is twice that (antipodal pairs)
     from saddle_escape.sim import counts
     _, x = counts.circle_inputs(7200)

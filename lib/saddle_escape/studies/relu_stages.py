@@ -257,16 +257,21 @@ def kink_lines(model: TwoLayer, theta: torch.Tensor, scale: float, rel: float = 
     """Kinks of the learned function on the circle, counted in antipodal pairs (kink lines).
 
     ``f(-x) = f(x) - (sum_i v_i u_i) . x`` differs from ``f(x)`` by a linear, kink-free function, so
-    the kinks come in antipodal pairs with equal jumps; a ray at angle theta puts its pair at
-    theta +- 90 degrees. :func:`saddle_escape.sim.counts.kinks` counts kinks relative to the function's
-    own largest slope, which reads O(1) kinks off an O(eps^2) function; a function whose RMS is
-    below ``rel * scale`` therefore counts as having none.
+    the kinks come in antipodal pairs with equal jumps; a ray of amplitude ``a`` at angle theta puts
+    a pair of derivative jumps of size ``|a|`` at theta +- 90 degrees. A kink counts when the
+    derivative jumps by more than ``2 rel scale`` -- the jump of a ray that :func:`rays` just counts
+    (``|a| sqrt(E relu^2) = rel scale``), so rays and kink lines use one threshold. (Unlike
+    :func:`saddle_escape.sim.counts.kinks`, whose threshold is relative to the function's own
+    largest slope and so finds kinks in the O(eps^2) function of the origin plateau.)
     """
-    phi, x = counts.circle_inputs(n_grid)
+    _, x = counts.circle_inputs(n_grid)
+    h = 2 * PI / n_grid
     f = model.forward(theta, x)[..., 0]                                        # (B, n)
-    full = counts.kinks(f, rel)
-    small = f.pow(2).mean(-1).sqrt() < rel * scale
-    return [0 if bool(z) else int(k) // 2 for k, z in zip(full, small)]
+    slope = (torch.roll(f, -1, dims=-1) - f) / h
+    jump = (slope - torch.roll(slope, 1, dims=-1)).abs()
+    big = jump > 2 * rel * scale
+    starts = big & ~torch.roll(big, 1, dims=-1)                                # one per run of grid points
+    return [int(k) // 2 for k in starts.sum(-1)]
 
 
 # ------------------------------------------------------------------ plateaus

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from saddle_escape import book
+from saddle_escape.book import plotting
 from saddle_escape.book.params import ParameterError
 
 
@@ -95,7 +96,8 @@ def test_figure_saves_png_and_svg(run, tmp_path):
     assert not plt.fignum_exists(fig.number)
     assert run.figures == [{"name": "line", "caption": "a line", "png": png,
                             "svg": str(tmp_path / "figures" / "42_demo" / "line.svg"),
-                            "command": "python -m saddle_escape run 42"}]
+                            "command": "python -m saddle_escape run 42", "width_in": 6.0,
+                            "height_in": 4.5, "dpi": 150, "min_font_pt": 10.0}]
     with pytest.raises(ValueError):
         run.figure(plt.figure(), "../x")
 
@@ -111,15 +113,74 @@ def test_finish_glues_one_summary_per_claim_family(run):
     run.claim("x.bound", "s", 0.5, 1.0, kind="max")
     with pytest.raises(book.ClaimsFailed):
         run.finish()
+    # one sentence per family: the count and the worst case, digits matching the tolerance
     assert run.glued["claims-critical_depth-exponent"]["text"] == (
-        "r=3,L=5: measured -1.003 (predicted -1 ± 0.02) ✓ · "
-        "r=4,L=6: measured -2.1 (predicted -2 ± 0.02) ✗")
-    assert run.glued["claims-x-bound"]["text"] == "measured 0.5 (predicted ≤ 1) ✓"
+        "1/2 within ±0.02 of the prediction; worst −2.100 vs −2 ✗")
+    assert run.glued["claims-x-bound"]["text"] == "measured 0.5 against the bound 1 ✓"
+    assert "2/3 claims hold" in run.glued["at-a-glance"]["text"]
+
+
+def test_family_descriptions_and_at_a_glance(run, tmp_path):
+    run.family("k.exponent", r"drift exponents within ±0.05 of $L - l + q\,l$")
+    for l, m in enumerate([6.017, 8.001, 9.99], start=1):
+        run.claim(f"k.exponent[l={l}]", "s", m, 4.0 + 2 * l, tolerance=0.05)
+    run.claim("k.fit", "t linear in log(1/ε) (R² of the fit)", 0.99998, 0.999, kind="min")
+    fig, ax = plotting.figure()
+    ax.plot([0, 1])
+    run.figure(fig, "headline", caption="The headline.")
+    run.at_a_glance(r"The drift is $\varepsilon^{L-l+ql}$.", figure="headline")
+    run.finish()
+    assert run.glued["claims-k-exponent"]["text"] == (
+        "3/3 drift exponents within ±0.05 of L − l + q l; worst 6.017 vs 6 ✓")
+    assert run.glued["claims-k-fit"]["text"] == "1 − R² = 2×10⁻⁵ against the bound 0.001 ✓"
+    glance = run.glued["at-a-glance"]["text"]
+    assert glance.startswith("The drift is ε") and "4/4 claims hold" in glance
+    assert "k.exponent[l=1]" in glance  # the claim closest to its limit
+    record = json.loads((tmp_path / "results" / "42_demo.json").read_text())
+    assert record["families"] == {"k.exponent": r"drift exponents within ±0.05 of $L - l + q\,l$"}
+    with pytest.raises(ValueError):
+        run.family("k.exponent[l=1]", "x")
+
+
+@pytest.mark.parametrize("value, plain, math_mode", [
+    (6.01734, "6.017", "6.017"), (-1, "−1", "−1"), (3.333e14, "3.333×10¹⁴", r"$3.333\times10^{14}$"),
+    (1.954e-6, "1.954×10⁻⁶", r"$1.954\times10^{-6}$"), (1e-10, "10⁻¹⁰", "$10^{-10}$"),
+    (0.0032, "0.0032", "0.0032"), (0.0, "0", "0"), ("B", "B", "B"),
+])
+def test_one_formatter(value, plain, math_mode):
+    from saddle_escape.book.numbers import format_number
+    assert format_number(value) == plain
+    assert format_number(value, math_mode=True) == math_mode
+    assert "e-" not in format_number(value) and "e+" not in format_number(value)
+
+
+def test_claim_view_digits_follow_the_tolerance():
+    from saddle_escape.book.numbers import claim_view
+    v = claim_view(dict(kind="abs", measured=-0.99921, expected=-1.0, tolerance=0.02, statement=""))
+    assert (v["measured"], v["expected"]) == ("−0.999", "−1 ± 0.02")
+    v = claim_view(dict(kind="min", measured=1.0, expected=0.999, tolerance=0, statement="R² of the fit"))
+    assert (v["label"], v["measured"], v["expected"]) == ("1 − R²", "0", "≤ 0.001")
+    v = claim_view(dict(kind="max", measured=2e-9, expected=1e-10, tolerance=0, statement=""))
+    assert v["bound"] and v["usage"] > 1  # a failed bound is the worst case of its family
 
 
 def test_nothing_is_written_before_finish(run, tmp_path):
     run.claim("a", "s", 1.0, 1.0)
     assert not (tmp_path / "results").exists()
+
+
+def test_figure_is_fitted_to_the_text_column(run):
+    fig, axes = plotting.figure(ncols=2, squeeze=False)
+    assert axes.shape == (1, 2)  # the shape asked for, even when stacked
+    assert fig.get_size_inches()[0] <= plotting.COLUMN_IN
+    axes[0][0].legend(["tiny"], fontsize=6)
+    run.figure(fig, "two")
+    rec = run.figures[-1]
+    assert rec["width_in"] <= plotting.COLUMN_IN and rec["min_font_pt"] >= plotting.MIN_FONT_PT
+    wide, ax = plt.subplots(figsize=(12, 4))
+    ax.plot([0, 1])
+    run.figure(wide, "wide")
+    assert run.figures[-1]["width_in"] == plotting.COLUMN_IN
 
 
 def test_finish_writes_schema(run, tmp_path, capsys):
@@ -128,7 +189,7 @@ def test_finish_writes_schema(run, tmp_path, capsys):
     path = tmp_path / "results" / "42_demo.json"
     on_disk = json.loads(path.read_text())
     assert on_disk.keys() == {"chapter", "parameters", "environment", "wall_time_s", "claims",
-                              "figures", "glued"}
+                              "figures", "glued", "families"}
     assert on_disk["claims"] == record["claims"]
     assert on_disk["parameters"]["eps"] == 1e-3
     for key in ("python", "torch", "numpy", "scipy", "saddle_escape", "git_commit", "device", "dtype"):
@@ -161,6 +222,67 @@ def test_claims_markdown_and_expected_descriptions():
               dict(key="m", statement="s", measured=2.0, expected=1.0, tolerance=0.0,
                    passed=False, kind="max")]
     table = book.claims_markdown(claims)
-    assert "`k[r=3]`" in table and "a \\| b" in table and "✗" in table and "≤ 1" in table
+    assert 'id="claim-k-r-3"' in table and "a \\| b" in table and "✗" in table and "≤ 1" in table
+    assert table.splitlines()[0] == "| | claim | measured | expected |"
+    # a | in a header is escaped too (an unescaped one renders the table as raw pipes)
+    assert book.markdown_table(["max |RHS|"], [[1e-13]]).splitlines() == [
+        "| max \\|RHS\\| |", "|---|", r"| $10^{-13}$ |"]
     assert book.describe_expected(dict(expected=2, tolerance=0.05, kind="rel")) == "2 ± 5%"
     assert book.describe_expected(dict(expected="B", tolerance=None, kind="equal")) == "= B"
+
+
+# --------------------------------------------------------------------------- "Try it" re-runs
+
+def _try_it_commands():
+    """Every ``python -m saddle_escape run ...`` line in a chapter's "Try it" section."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for source in sorted((root / "chapters").glob("*.md")):
+        text = source.read_text(encoding="utf-8")
+        if "\n## Try it" not in text:
+            continue
+        section = text.split("\n## Try it", 1)[1]
+        found += [(source, line.strip()) for line in section.splitlines()
+                  if line.strip().startswith("python -m saddle_escape run ")]
+    return found
+
+
+def _overrides(command: str) -> dict:
+    import shlex
+    from saddle_escape.book import pipeline
+    words = shlex.split(command)
+    assert words[:4] == ["python", "-m", "saddle_escape", "run"] and "--profile" in words
+    pairs = [words[i + 1:i + 3] for i, w in enumerate(words) if w == "-p"]
+    return {name: pipeline.parse_value(value) for name, value in pairs}
+
+
+def test_every_chapter_of_part_one_has_try_it():
+    chapters = {source.stem[:2] for source, _ in _try_it_commands()}
+    assert {"01", "02", "03", "04", "05", "06", "07"} <= chapters
+
+
+@pytest.mark.parametrize("source, command", _try_it_commands(),
+                         ids=lambda v: v if isinstance(v, str) else v.stem[:2])
+def test_try_it_commands_are_accepted(source, command, tmp_path, monkeypatch):
+    """The parameters a "Try it" command passes exist and pass the chapter's own validation:
+    the parameters cell, the overrides, then the cell that opens the run (defaults and checks)
+    execute as the pipeline would run them. SADDLE_ESCAPE_TRY_IT=1 runs the whole chapter."""
+    import os
+    from saddle_escape.book import pipeline
+    nb = pipeline.read_notebook(source)
+    overrides = _overrides(command)
+    known = {s.name for s in pipeline.parameter_specs(nb)}
+    assert set(overrides) <= known, f"{command}: unknown parameter(s) {set(overrides) - known}"
+    if os.environ.get("SADDLE_ESCAPE_TRY_IT"):
+        result = pipeline.run_chapter(source, tmp_path, overrides, profile="quick")
+        assert result.ok, result.message
+        return
+    monkeypatch.chdir(tmp_path)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    params = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    setup = next(c for c in code if "ChapterRun(" in c)
+    namespace: dict = {}
+    exec(params, namespace)
+    namespace.update(overrides, profile="quick", results_dir="results", figures_dir="figures")
+    exec(setup, namespace)  # raises ParameterError for a value the chapter refuses

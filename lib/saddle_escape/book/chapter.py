@@ -46,6 +46,7 @@ from typing import Any
 
 from . import params as P
 from . import provenance
+from .numbers import claim_view, format_number
 
 CLAIM_KINDS = ("abs", "rel", "max", "min", "equal")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -134,38 +135,165 @@ def claim_summary(claim: dict) -> str:
     return f"measured {fmt_value(claim['measured'])} (predicted {describe_expected(claim)}) {mark}"
 
 
-def claim_families(claims: list[dict]) -> dict[str, str]:
-    """Glue name → one line summarising every claim of a family (the key up to ``[``), for the
-    theorem boxes: ``critical_depth.exponent[r=3,L=5]`` and ``[r=4,L=6]`` both go under
-    ``claims-critical_depth-exponent`` as ``r=3,L=5: measured … ✓ · r=4,L=6: measured … ✓``.
-    Families do not depend on the parameters, so the prose can quote them whatever a re-runner
-    chose."""
-    families: dict[str, list[str]] = {}
+def claim_family(key: str) -> str:
+    """The family of a claim: its key up to ``[`` (``critical_depth.exponent[r=3,L=5]`` →
+    ``critical_depth.exponent``)."""
+    return key.partition("[")[0]
+
+
+def family_glue_name(family: str) -> str:
+    """The glue name of a family's sentence: ``claims-critical_depth-exponent``."""
+    return "claims-" + re.sub(r"[^A-Za-z0-9_]+", "-", family).strip("-")
+
+
+def claim_anchor(key: str) -> str:
+    """The HTML id of a claim's row in its chapter's "Claims checked" table."""
+    return "claim-" + re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-").lower()
+
+
+def group_families(claims: list[dict]) -> dict[str, list[dict]]:
+    """Claims grouped by family, in the order they were first recorded."""
+    families: dict[str, list[dict]] = {}
     for c in claims:
-        family, _, label = c["key"].partition("[")
-        line = claim_summary(c)
-        families.setdefault(family, []).append(f"{label.rstrip(']')}: {line}" if label else line)
-    return {"claims-" + re.sub(r"[^A-Za-z0-9_]+", "-", f).strip("-"): " · ".join(lines)
-            for f, lines in families.items()}
+        families.setdefault(claim_family(c["key"]), []).append(c)
+    return families
+
+
+def worst_claim(claims: list[dict]) -> dict:
+    """The claim that uses most of its allowance (a failed one first)."""
+    return max(claims, key=lambda c: (not c["passed"], claim_view(c)["usage"]))
+
+
+def family_sentence(claims: list[dict], description: str | None = None, *,
+                    markdown: bool = False) -> str:
+    """One sentence for a family of claims, with the count and the worst case:
+    ``21/21 within ±0.05 of the prediction; worst 6.017 vs 6 ✓``. `description` (from
+    :meth:`ChapterRun.family`) replaces the generic middle part; in `markdown` its ``$math$``
+    stays math and the sentence links to the worst claim's row, in plain text the math is
+    spelled out."""
+    worst = worst_claim(claims)
+    v = claim_view(worst, math_mode=markdown)
+    passed, n = sum(c["passed"] for c in claims), len(claims)
+    mark = "✓" if passed == n else "✗"
+    what = v["label"] + " = " if v["label"] else ""
+    if v["bound"]:
+        versus = f"{what}{v['measured']} against the bound {v['limit']}"
+    elif worst.get("kind") == "equal":
+        versus = f"{what}{v['measured']}, predicted {v['limit']}"
+    else:
+        versus = f"{what}{v['measured']} vs {v['limit']}"
+    text = description if markdown else tex_to_text(description) if description else None
+    first = claim_view(claims[0], math_mode=markdown)
+    same = all(claim_view(c, math_mode=markdown)["expected"] == first["expected"] for c in claims)
+    if n == 1:
+        sentence = (f"{text}: " if text else "" if what else "measured ") + f"{versus} {mark}"
+    else:
+        if same and v["bound"]:
+            versus = f"{what}{v['measured']}"
+        if text is None:
+            if first["bound"]:
+                text = f"below the bound {first['limit']}" if same else "within their bounds"
+                if worst.get("kind") == "min" and not first["label"]:
+                    text = f"above {first['limit']}" if same else "above their bounds"
+            elif worst.get("kind") == "equal":
+                text = "as predicted"
+            else:
+                spread = first["expected"].partition("±")[2].strip()
+                text = f"within ±{spread} of the prediction"
+        sentence = f"{passed}/{n} {text}; worst {versus} {mark}"
+    if markdown:
+        sentence += f' <a class="claim-link" href="#{claim_anchor(worst["key"])}">(table)</a>'
+    return sentence
+
+
+# TeX spelled out for plain text, longest names first (\left before \le, \geq before \ge)
+_TEX = [("\\left", ""), ("\\right", ""), ("\\varepsilon", "ε"), ("\\epsilon", "ε"),
+        ("\\sigma", "σ"), ("\\Delta", "Δ"), ("\\tau", "τ"), ("\\beta", "β"), ("\\lambda", "λ"),
+        ("\\star", "⋆"), ("\\infty", "∞"), ("\\leq", "≤"), ("\\geq", "≥"), ("\\le", "≤"),
+        ("\\ge", "≥"), ("\\times", "×"), ("\\cdot", "·"), ("\\pm", "±"), ("\\propto", "∝"),
+        ("\\to", "→"), ("\\mathrm", ""), ("\\rm", ""), ("\\,", " "), ("\\;", " "), ("\\!", ""),
+        ("^{-1}", "⁻¹"), ("^{2}", "²"), ("^2", "²")]
+
+
+def tex_to_text(text: str | None) -> str | None:
+    """Inline ``$math$`` of a description spelled out for plain text (glue:text)."""
+    if text is None:
+        return None
+
+    def plain(m: re.Match) -> str:
+        t = m.group(1)
+        for tex, char in _TEX:
+            t = t.replace(tex, char)
+        t = re.sub(r"[{}]", "", t).replace("-", "−")
+        return re.sub(r"\s+", " ", t).strip()
+    return re.sub(r"\$([^$]+)\$", plain, text)
+
+
+class GluedText:
+    """A glued value that is plain text for ``{glue:text}`` and markdown for ``{glue:md}``."""
+
+    def __init__(self, text: str, markdown: str | None = None):
+        self.text, self.markdown = text, markdown if markdown is not None else text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_markdown_(self) -> str:
+        return self.markdown
+
+
+def claim_families(claims: list[dict], descriptions: dict[str, str] | None = None) -> dict[str, str]:
+    """Glue name → one sentence per claim family (the key up to ``[``), for the "Checked below"
+    lines of theorem boxes: ``critical_depth.exponent[r=3,L=5]`` and ``[r=4,L=6]`` both go under
+    ``claims-critical_depth-exponent`` as ``2/2 within ±0.02 of the prediction; worst −0.997 vs
+    −1 ✓``. Families do not depend on the parameters, so the prose can quote them whatever a
+    re-runner chose."""
+    descriptions = descriptions or {}
+    return {family_glue_name(f): family_sentence(cs, descriptions.get(f))
+            for f, cs in group_families(claims).items()}
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub/MyST markdown table; cells are converted with :func:`fmt_value`."""
+    """A GitHub/MyST markdown table; numbers go through
+    :func:`saddle_escape.book.numbers.format_number` (powers of ten as math), and a ``|`` in a
+    header or cell is escaped (an unescaped one ends the cell and breaks the whole table)."""
     def cell(v: Any) -> str:
-        text = fmt_value(v).replace("|", "\\|").replace("\n", " ")
+        text = v if isinstance(v, str) else format_number(v, math_mode=True)
+        text = text.replace("|", "\\|").replace("\n", " ")
         parts = text.split("$")  # outside $math$, stop `<name>` from being read as an HTML tag
         parts[::2] = [_HTML_TAG.sub(r"\\<", p) for p in parts[::2]]
         return "$".join(parts)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(cell(str(h)) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def claims_markdown(claims: list[dict]) -> str:
-    """The "Claims checked" table of a chapter, with a ✓/✗ status column."""
-    rows = [[f"`{c['key']}`", c["statement"], describe_expected(c), c["measured"],
-             "✓" if c["passed"] else "✗"] for c in claims]
-    return markdown_table(["claim", "statement", "expected", "measured", "status"], rows)
+    """The "Claims checked" table of a chapter: status, the statement (its key small below,
+    the row's anchor for links from the prose and the ledger), measured, expected. Narrow
+    columns first, so a phone shows the verdict and the numbers without scrolling."""
+    lines = ["| | claim | measured | expected |", "|---|---|---|---|"]
+    for c in claims:
+        v = claim_view(c, math_mode=True)
+        statement = _md_text(c["statement"])
+        key = (f'<span class="claim-key" id="{claim_anchor(c["key"])}">'
+               f'{_html_escape(c["key"])}</span>')
+        measured = f"{v['label']} = {v['measured']}" if v["label"] else v["measured"]
+        lines.append(f"| {'✓' if c['passed'] else '✗'} | {statement} {key} | "
+                     f"{_md_text(measured)} | {_md_text(v['expected'])} |")
+    return "\n".join(lines)
+
+
+def _md_text(text: str) -> str:
+    """Text for a markdown table cell: pipes escaped, no line breaks, no stray HTML tags."""
+    parts = str(text).replace("|", "\\|").replace("\n", " ").split("$")
+    parts[::2] = [_HTML_TAG.sub(r"\\<", p) for p in parts[::2]]
+    return "$".join(parts)
+
+
+def _html_escape(text: str) -> str:
+    from html import escape
+    return escape(text)
 
 
 def _in_ipython() -> bool:
@@ -224,6 +352,8 @@ class ChapterRun:
         self.claims: list[dict] = []
         self.figures: list[dict] = []
         self.glued: dict[str, dict] = {}
+        self.families: dict[str, str] = {}
+        self.glance: dict | None = None
         self._finished = False
         self._t0 = time.perf_counter()
         _seed_everything(self.seed)
@@ -265,6 +395,24 @@ class ChapterRun:
                                 kind=kind))
         return bool(passed)
 
+    def family(self, family: str, description: str) -> None:
+        """Describe a family of claims (keys ``family[...]``) for the reader, in markdown with
+        ``$math$``: ``run.family("identity.drift_exponent", "drift exponents within ±0.05 of
+        $L - l + q\\,l$")``. It becomes the middle of the family's "Checked below" sentence
+        (``21/21 drift exponents …; worst 6.017 vs 6``) and the family's row in the ledger.
+        Without it the sentence says ``within ±0.05 of the prediction``."""
+        if not isinstance(family, str) or "[" in family or not family:
+            raise ValueError(f"a claim family is a key without its [...] part, got {family!r}")
+        self.families[family] = str(description)
+
+    def at_a_glance(self, sentence: str, figure: str | None = None) -> None:
+        """The chapter's result in one sentence (markdown, ``$math$`` allowed) and the name of
+        its headline figure (as given to :meth:`figure`). :meth:`finish` glues the box
+        ``at-a-glance``: the sentence, the figure and this build's verdict (n/n claims, the
+        one closest to its limit). The page shows it with a ``glue:md`` directive of
+        format ``myst`` near the top (see PAGE_CONVENTIONS)."""
+        self.glance = dict(sentence=str(sentence), figure=figure)
+
     # ------------------------------------------------------------------ figures
     def figure(self, fig, name: str, caption: str | None = None, *, display: bool = True) -> str:
         """Save `fig` as ``figures_dir/<chapter>/<name>.png`` (150 dpi) and ``.svg``, show it in
@@ -280,21 +428,27 @@ class ChapterRun:
             raise ValueError(f"figure name {name!r} must be a simple file name like 'escape_times'")
         if any(f["name"] == name for f in self.figures):
             raise ValueError(f"figure {name!r} was already saved in this chapter")
+        from . import plotting
+
         folder = self.figures_dir / self.chapter
         folder.mkdir(parents=True, exist_ok=True)
         png, svg = folder / f"{name}.png", folder / f"{name}.svg"
+        # Legible at the text column whatever the chapter asked for: no wider than the column,
+        # no text smaller than the book's minimum (the page shows the PNG scaled to the column).
+        size = plotting.fit_to_column(fig)
         with matplotlib.rc_context({"svg.hashsalt": f"{self.chapter}/{name}"}):  # stable SVG ids
-            fig.savefig(png, dpi=150, bbox_inches="tight")
-            fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
+            fig.savefig(png, dpi=plotting.DPI, bbox_inches="tight", facecolor="white")
+            fig.savefig(svg, bbox_inches="tight", metadata={"Date": None}, facecolor="white")
+        alt = " ".join(str(caption or name.replace("_", " ")).split())
         if display and _in_ipython():
             # Show the saved file itself: the page gets exactly the PNG on disk, whatever
             # matplotlib backend the kernel inherited (with Agg, display(fig) is only text).
             from IPython.display import HTML, Image, display as ipy_display
-            ipy_display(Image(filename=str(png)))
+            ipy_display(Image(filename=str(png), metadata={"alt": alt}))
             ipy_display(HTML(self.provenance_html()))
         plt.close(fig)
         self.figures.append(dict(name=name, caption=caption, png=str(png), svg=str(svg),
-                                 command=self.command))
+                                 command=self.command, **size))
         return _Silent(png)
 
     @functools.cached_property
@@ -329,7 +483,7 @@ class ChapterRun:
         text = fmt.format(value) if fmt else str(value)
         if _in_ipython():
             from myst_nb import glue as mystnb_glue
-            mystnb_glue(name, text, display=False)
+            mystnb_glue(name, value if isinstance(value, GluedText) else text, display=False)
         try:
             stored = to_jsonable(value)
         except TypeError:
@@ -361,6 +515,7 @@ class ChapterRun:
             "claims": list(self.claims),
             "figures": list(self.figures),
             "glued": dict(self.glued),
+            "families": dict(self.families),
         }
 
     def finish(self) -> dict:
@@ -369,8 +524,11 @@ class ChapterRun:
         if self._finished:
             raise RuntimeError(f"{self.chapter}: finish() was already called")
         self._finished = True
-        for name, text in claim_families(self.claims).items():
-            self.glue(name, text)
+        for family, claims in group_families(self.claims).items():
+            description = self.families.get(family)
+            self.glue(family_glue_name(family), GluedText(
+                family_sentence(claims, description), family_sentence(claims, description, markdown=True)))
+        self.glue("at-a-glance", GluedText(*self._glance_box()))
         record = self.results()
         write_json_atomic(self.results_dir / f"{self.chapter}.json", record)
         if self.claims:
@@ -379,6 +537,31 @@ class ChapterRun:
         if failed:
             raise ClaimsFailed(self.chapter, failed)
         return record
+
+
+    def _glance_box(self) -> tuple[str, str]:
+        """The "At a glance" box as (plain text, MyST markdown)."""
+        passed = sum(c["passed"] for c in self.claims)
+        verdict = plain_verdict = f"{passed}/{len(self.claims)} claims hold"
+        if self.claims:
+            worst = worst_claim(self.claims)
+            description = self.families.get(claim_family(worst["key"]))
+            closest = f"; the closest to its limit is `{worst['key']}`: "
+            verdict += closest + family_sentence([worst], description, markdown=True)
+            plain_verdict += closest.replace("`", "") + family_sentence([worst], description)
+        verdict = f"**This build:** {verdict}."
+        glance = self.glance or {}
+        parts = [":::{admonition} At a glance", ":class: at-a-glance", ""]
+        if glance.get("sentence"):
+            parts += [glance["sentence"], ""]
+        figure = next((f for f in self.figures if f["name"] == glance.get("figure")), None)
+        if figure is not None:
+            alt = " ".join(str(figure.get("caption") or figure["name"]).split())
+            parts += [f"```{{image}} ../figures/{self.chapter}/{figure['name']}.png",
+                      f":alt: {alt}", ":class: book-figure at-a-glance-figure", "```", ""]
+        parts += [verdict, ":::"]
+        plain = " ".join(p for p in (glance.get("sentence"), f"This build: {plain_verdict}.") if p)
+        return tex_to_text(plain), "\n".join(parts)
 
 
 # --------------------------------------------------------------------------- internals

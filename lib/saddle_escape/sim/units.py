@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import DTYPE
-from .twolayer import UNITS, TwoLayer
+from .twolayer import UNITS, TwoLayer, get_unit
 
 _N_INPUTS = 64
 
@@ -65,7 +65,7 @@ class UnitProperties:
 
 def probe_model(name: str, input_dim: int = 4) -> TwoLayer:
     """A one-unit model of type `name` to probe phi with (kernel 3 for the convolutions)."""
-    kernel = min(3, input_dim) if UNITS[name].form == "conv" else None
+    kernel = min(3, input_dim) if get_unit(name).form == "conv" else None
     return TwoLayer.build(name, input_dim, 1, kernel=kernel)
 
 

@@ -61,7 +61,7 @@ def test_unreachable_scheduler_fails_fast_with_one_line(tmp_path):
         ex.open_executor("nowhere")
     done = subprocess.run([sys.executable, "-m", "saddle_escape", "--root", str(ROOT), "sweep",
                            str(FIXTURE), "-p", "scale", "[1.0]", "--out", str(tmp_path / "s")],
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=900,
                           env={**os.environ, ex.SCHEDULER_ENV: UNREACHABLE})
     assert done.returncode == 2
     lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
@@ -117,7 +117,7 @@ def test_book_jobs_2_one_failing_chapter_fails_the_command_others_cache(tmp_path
     (root / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n"
                                    "- file: chapters/97_broken\n- file: chapters/99_fixture\n")
     done = subprocess.run([sys.executable, "-m", "saddle_escape", "--root", str(root), "book",
-                           "--profile", "quick", "-j", "2"], capture_output=True, text=True, timeout=600)
+                           "--profile", "quick", "-j", "2"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 1
     assert "book: 2 chapter(s) on local processes (2 workers)" in done.stdout
     assert "book: 1 chapter(s) failed, HTML not built:" in done.stdout

@@ -207,6 +207,7 @@ def test_staging_uses_executed_notebooks_and_generates_pages(shared, tmp_path):
     shutil.copytree(ROOT / "appendix", root / "appendix")
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     toc["parts"][0]["chapters"] = [{"file": "chapters/99_fixture"}, {"file": "chapters/98_missing"}]
+    toc["parts"] = [toc["parts"][0], toc["parts"][-1]]  # Part I and the appendix, not Part II
     (root / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False, allow_unicode=True))
     project = pipeline.Project.at(root, package_dir=PACKAGE)
     assert pipeline.toc_chapter_docs(root / "_toc.yml") == ["chapters/99_fixture", "chapters/98_missing"]
@@ -217,15 +218,23 @@ def test_staging_uses_executed_notebooks_and_generates_pages(shared, tmp_path):
     assert not (dest / "chapters" / "99_fixture.md").exists()  # no duplicate docnames
     nb = nbformat.read(dest / "chapters" / "99_fixture.ipynb", as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert "hide-cell" in injected[0].metadata.tags
+    assert "remove-cell" in injected[0].metadata.tags  # the provenance line names the run
     (fig_cell,) = [c for c in nb.cells if "run.figure(" in c.get("source", "")]
     after = nb.cells[nb.cells.index(fig_cell) + 1]
     assert after.cell_type == "markdown" and 'class="provenance"' in after.source
     assert not any("provenance" in str(o) for o in fig_cell.outputs)
-    collapsed = [c for c in nb.cells if "hide-input" in c.metadata.get("tags", [])]
-    assert collapsed and all("run.figure(" in c.source or "run.finish(" in c.source for c in collapsed)
+    # on the page: the parameters cell open, the run's set-up folded whole, record-only cells
+    # removed, everything else folded to its output (issue 17)
+    shown = {c.source.split("\n")[0][:30]: c.metadata.get("tags", []) for c in nb.cells
+             if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])}
+    tags = list(shown.values())
+    assert "parameters" in tags[0] and not {"hide-input", "hide-cell", "remove-cell"} & set(tags[0])
+    assert "hide-cell" in tags[1]                       # ChapterRun(...) and the checks
+    assert all("hide-input" in t for t in tags[2:])     # experiment, figure, claim, claims table
+    assert fig_cell.metadata.mystnb["image"]["alt"] == "A straight line."
     ledger = (dest / "appendix" / "claims_ledger.md").read_text()
-    assert "`fixture.sum`" in ledger and "**1 of 1 claims hold** in this build, made on" in ledger
+    assert "fixture.sum" in ledger and "**1 of 1 claims hold** in this build, made on" in ledger
+    assert "#claim-fixture-sum" in ledger and "{dropdown}" in ledger
     assert "from commit" in ledger and "executing its chapters took" in ledger
     assert "<!-- generated" not in ledger
     rerun = (dest / "appendix" / "rerunning.md").read_text()
@@ -240,6 +249,17 @@ def test_restrict_toc_drops_empty_parts():
         {"caption": "Part I", "chapters": [{"file": "chapters/01_a"}]},
         {"caption": "Appendix", "chapters": [{"file": "appendix/api"}]}]}
     assert pipeline._restrict_toc(toc, set())["parts"] == [toc["parts"][1]]
+
+
+@pytest.mark.parametrize("source, record_only", [
+    ('run.glue("a", 1, fmt="{:g}")\nrun.claim("k", "s", 1.0, 1.0);', True),
+    ('for k in ks:\n    run.claim(k, "s", 1, 1)', True),
+    ('P.check_positive("x", x)\nP.require(x < 1, "x", x, "below 1")', True),
+    ('x = simulate()\nrun.glue("a", x)', False),
+    ("", False),
+])
+def test_record_only_cells_are_recognised(source, record_only):
+    assert pipeline.is_record_only(source) is record_only
 
 
 @pytest.mark.parametrize("source, collapsed", [

@@ -145,3 +145,14 @@ def test_make_teacher_accepts():
     assert rs.make_teacher(3).size == 3
     t = rs.make_teacher([[0, 1.0], [130, 0.4]])
     assert t.size == 2 and abs(t.angles[1] - math.radians(130)) < 1e-12
+
+
+def test_kinks_of_one_spread_ray_merge_like_its_units():
+    model = rs.TwoLayer.build("relu", 2, 3)
+    ang = torch.tensor([1.0, 1.05, 1.1], dtype=torch.float64)          # one ray, units 3 degrees apart
+    U = torch.stack([ang.cos(), ang.sin()], -1)
+    theta = model.flatten(torch.ones(1, 3, 1, dtype=torch.float64), U[None])
+    assert rs.ray_count(model, theta, scale=1.0) == [1]
+    assert rs.kink_lines(model, theta, scale=0.5) == [1]
+    # without the angular tolerance the three units' kinks are three lines
+    assert rs.kink_lines(model, theta, scale=0.5, cos=0.99999) == [3]

@@ -253,7 +253,7 @@ def ray_count(model: TwoLayer, theta: torch.Tensor, scale: float, rel: float = 0
 
 
 def kink_lines(model: TwoLayer, theta: torch.Tensor, scale: float, rel: float = 0.05,
-               n_grid: int = 7200) -> list[int]:
+               n_grid: int = 7200, cos: float = 0.99) -> list[int]:
     """Kinks of the learned function on the circle, counted in antipodal pairs (kink lines).
 
     ``f(-x) = f(x) - (sum_i v_i u_i) . x`` differs from ``f(x)`` by a linear, kink-free function, so
@@ -263,6 +263,8 @@ def kink_lines(model: TwoLayer, theta: torch.Tensor, scale: float, rel: float = 
     (``|a| sqrt(E relu^2) = rel scale``), so rays and kink lines use one threshold. (Unlike
     :func:`saddle_escape.sim.counts.kinks`, whose threshold is relative to the function's own
     largest slope and so finds kinks in the O(eps^2) function of the origin plateau.)
+    Kinks closer than ``acos(cos)`` (the rays' angular tolerance) are one kink, so the units of one
+    ray, a few degrees apart, make one kink line as they make one ray.
     """
     _, x = counts.circle_inputs(n_grid)
     h = 2 * PI / n_grid
@@ -270,8 +272,17 @@ def kink_lines(model: TwoLayer, theta: torch.Tensor, scale: float, rel: float = 
     slope = (torch.roll(f, -1, dims=-1) - f) / h
     jump = (slope - torch.roll(slope, 1, dims=-1)).abs()
     big = jump > 2 * rel * scale
-    starts = big & ~torch.roll(big, 1, dims=-1)                                # one per run of grid points
-    return [int(k) // 2 for k in starts.sum(-1)]
+    gap = max(1, int(math.ceil(math.acos(cos) / h)))
+    out = []
+    for row in big:
+        where = torch.nonzero(row).flatten()
+        if len(where) == 0:
+            out.append(0)
+            continue
+        # circular clusters of kink points: a new kink where the next one is more than `gap` away
+        steps = torch.diff(where, append=where[:1] + n_grid)
+        out.append(int((steps > gap).sum()) // 2 if len(where) > 1 else 0)
+    return out
 
 
 # ------------------------------------------------------------------ plateaus

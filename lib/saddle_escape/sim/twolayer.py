@@ -145,7 +145,7 @@ class TwoLayer:
         return self.width * (self.v_dim + self.u_dim)
 
     def unflatten(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``V`` (B, H, *v_shape) and ``U`` (B, H, u_dim) into ``theta`` (B, P)."""
+        """Views ``V`` ``(B, H, *v_shape)`` and ``U`` (B, H, u_dim) into ``theta`` (B, P)."""
         lead = theta.shape[:-1]
         v, u = torch.split(theta, [self.width * self.v_dim, self.width * self.u_dim], dim=-1)
         return v.reshape(*lead, self.width, *self.v_shape), u.reshape(*lead, self.width, self.u_dim)

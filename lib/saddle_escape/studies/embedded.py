@@ -248,7 +248,10 @@ def saddle(p: Problem, seed: int) -> Saddle:
     K = em.residual_curvature(wide, th, p.data, 1)[0]
     derived = float(torch.linalg.eigvalsh(K)[0])
     block = float(em.unit_block(wide, H.unsqueeze(0), 1).abs().max() / lam.abs().max())
-    s2 = float(torch.linalg.svdvals(p.teacher_matrix)[1]) if p.teacher_matrix is not None else None
+    s2 = None
+    if p.teacher_matrix is not None:    # one output: a single singular value, s2 = 0
+        sv = torch.linalg.svdvals(p.teacher_matrix)
+        s2 = float(sv[1]) if len(sv) > 1 else 0.0
     order = p.properties.leading_order
     ts = torch.as_tensor(ESCAPE_TS, dtype=DTYPE)
     L0 = wide.loss(th, p.data)

@@ -1,0 +1,617 @@
+"""What decides stage-like learning (chapter 12): the experiments behind Fig. 2A-D of Part II,
+the third-party summary put on trial, and the one escape law shared by both papers.
+
+Every experiment is a small two-layer network of :mod:`saddle_escape.sim.twolayer` trained by
+gradient flow (:func:`~saddle_escape.sim.integrate.solve`, batched over eps and seeds) or by
+plain gradient descent (``Euler`` + ``ConstantStep``). The problems:
+
+* linear FC on whitened Gaussian inputs, ``y = T x`` with prescribed singular values of ``T``
+  (so ``Sigma_xx = I`` and ``Sigma_yx = T`` exactly, and the loss is ``1/2 ||T - W||_F^2``);
+* linear attention (rank-one key and query per head) on in-context regression whose token
+  covariance is ``Lambda``; the matrix that drives a head near zero is ``E[y beta x_q^T] ~ Lambda^2``;
+* quadratic / cubic / x tanh x / tanh units on Gaussian inputs with a teacher of the same unit.
+
+The escape law (:func:`escape_sweep`): a unit whose output is a degree-p product of small
+weights obeys ``ds/dt ~ s^(p-1)`` near zero, so it leaves the origin after ``ln(1/eps)/s_1``
+(p = 2) or ``T_xi eps^-(p-2)`` (p >= 3), where ``T_xi`` is the blow-up time of the leading-order
+flow from the unit-scale initial direction ``xi`` (:func:`blowup_times`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..sim import escape, fits
+from ..sim.data import DTYPE, Dataset, gaussian_samples, linear_teacher_data, linear_teacher_matrix
+from ..sim.errors import ParameterError
+from ..sim.integrate import ConstantStep, Euler, Event, GradientFlow, PIController, SaveAt, solve
+from ..sim.twolayer import TwoLayer, get_unit, incontext_regression
+
+RTOL, ATOL = 1e-6, 1e-14   # event times to ~1e-5 relative: far below every tolerance used
+SYNTHESIS_UNITS = ("linear", "quadratic", "attention", "cubic")
+
+
+# ------------------------------------------------------------------ problems
+
+@dataclass
+class Problem:
+    """A network, its training set, and what the teacher is (for the prose)."""
+
+    model: TwoLayer
+    data: Dataset
+    description: str
+    spectrum: tuple = ()      # the driving spectrum (singular values of Sigma_yx, or of Lambda^2)
+
+    @property
+    def flow(self) -> GradientFlow:
+        return self.model.flow(self.data)
+
+
+def power_spectrum(n: int, kappa: float, top: float = 1.0) -> np.ndarray:
+    """``top * k^-kappa`` for k = 1..n: the data spectrum of Fig. 2B (kappa = 0: all equal)."""
+    return top * np.arange(1, n + 1, dtype=float) ** (-float(kappa))
+
+
+def linear_problem(singular_values, width: int, seed: int, dim: int | None = None,
+                   n_samples: int = 64) -> Problem:
+    """Linear FC, ``y = T x`` with the given singular values in ``dim`` dimensions (default: their
+    number; more makes the teacher low-rank), whitened inputs so that ``Sigma_xx = I`` exactly."""
+    s = [float(v) for v in singular_values]
+    d = dim or len(s)
+    T = linear_teacher_matrix(s, d, d, seed)
+    data = linear_teacher_data(T, max(n_samples, 4 * d), seed)
+    return Problem(TwoLayer.build("linear", d, width, d), data,
+                   f"linear FC, d = {d}, singular values {', '.join(f'{v:.3g}' for v in s)}", tuple(s))
+
+
+def attention_problem(eigenvalues, heads: int, seed: int, n_sequences: int = 256,
+                      context_length: int = 32) -> Problem:
+    """Linear attention (rank-one key and query per head) on in-context regression with token
+    covariance ``Lambda = diag(sqrt(eigenvalues))``, so the matrix that drives the heads near
+    zero, ``E[y beta x_q^T] ~ Lambda^2``, has the given eigenvalues."""
+    lam2 = np.asarray(eigenvalues, float)
+    cov = torch.diag(torch.as_tensor(np.sqrt(lam2), dtype=DTYPE))
+    data = incontext_regression(n_sequences, len(lam2), context_length, seed, covariance=cov)
+    return Problem(TwoLayer.build("attention", len(lam2), heads), data,
+                   f"linear attention, D = {len(lam2)}, N = {context_length}, eigenvalues of Λ² "
+                   + ", ".join(f"{v:.3g}" for v in lam2), tuple(lam2))
+
+
+def unit_teacher_problem(unit: str, width: int, seed: int, input_dim: int = 3,
+                         teacher_weights=(1.0, -0.6), n_samples: int = 256) -> Problem:
+    """A ``unit`` network learning a teacher made of the same unit: ``y = sum_j a_j phi(w_j . x)``
+    with orthonormal ``w_j`` (so the teacher needs ``len(teacher_weights)`` units)."""
+    get_unit(unit)
+    k = len(teacher_weights)
+    if k > input_dim:
+        raise ParameterError("teacher_weights", list(teacher_weights), f"needs at most input_dim = {input_dim} units")
+    g = torch.Generator().manual_seed(10_000 + int(seed))
+    W, _ = torch.linalg.qr(torch.randn(input_dim, k, generator=g, dtype=DTYPE))
+    teacher = TwoLayer.build(unit, input_dim, k)
+    theta_t = teacher.flatten(torch.as_tensor(teacher_weights, dtype=DTYPE).reshape(1, k, 1), W.T.unsqueeze(0))
+    x = gaussian_samples(n_samples, input_dim, seed)
+    y = teacher.forward(theta_t, x)[0]
+    if unit == "quadratic":       # centred: the constant E[y] would be learned by no saddle
+        y = y - y.mean(0)
+    data = Dataset(x, y, torch.full((n_samples,), 1.0 / n_samples, dtype=DTYPE))
+    return Problem(TwoLayer.build(unit, input_dim, width), data,
+                   f"{unit} units, teacher of {k} {unit} units with weights {list(teacher_weights)}")
+
+
+def synthesis_problem(unit: str, seed: int) -> Problem:
+    """The one-unit problem of the synthesis figure for each unit type."""
+    if unit == "linear":
+        return linear_problem([1.0, 0.5, 0.25], 1, seed)
+    if unit == "attention":
+        return attention_problem([1.0, 0.25], 1, seed)
+    if unit in ("quadratic", "cubic", "xtanh"):
+        return unit_teacher_problem(unit, 1, seed)
+    raise ParameterError("units", unit, f"must be among {', '.join(SYNTHESIS_UNITS)} for the synthesis")
+
+
+# ------------------------------------------------------------------ the degree p of a unit
+
+def output_degree(model: TwoLayer, x: torch.Tensor, seed: int = 0, delta: float = 1e-3) -> float:
+    """The degree p of a unit's output ``phi(x; u) v`` as a function of its weights near zero,
+    *computed*: ``log2`` of how much the output grows when all weights are doubled at scale
+    ``delta`` (x tanh x gives 3 up to O(delta^2), tanh gives 2 up to O(delta^2))."""
+    theta = model.init(delta, [seed])
+    f1 = model.forward(theta, x).norm()
+    f2 = model.forward(2 * theta, x).norm()
+    return float(torch.log2(f2 / f1))
+
+
+# ------------------------------------------------------------------ the leading-order flow
+
+def leading_order_flow(model: TwoLayer, data: Dataset) -> GradientFlow:
+    """Gradient flow of the first-order part of the loss about ``f = 0``: ``-E[y . f(x)]``.
+
+    Near the origin the quadratic term ``1/2 E||f||^2`` is of degree 2p in the weights and the
+    linear term of degree p, so this is the flow every unit starts with; its terms are
+    ``v' = E[y phi(x; u)]`` and ``u' = v E[y d phi/d u]``."""
+    def minus_correlation(theta):
+        return -(data.w * (data.y * model.forward(theta, data.x)).sum(-1)).sum(-1)
+    return GradientFlow(minus_correlation)
+
+
+#: Units whose phi is not homogeneous: the homogeneous unit of their lowest Taylor order in u
+#: (x tanh x = x^2 - x^4/3 + ...), whose flow the leading-order flow is.
+LEADING_UNIT = {"xtanh": "quadratic"}
+
+
+def leading_model(model: TwoLayer) -> TwoLayer:
+    """The same shapes with ``phi`` replaced by its lowest-order homogeneous part (same theta layout)."""
+    name = LEADING_UNIT.get(model.unit.name)
+    if name is None:
+        return model
+    return TwoLayer(get_unit(name), model.input_dim, model.width, model.output_dim, model.kernel, model.stride)
+
+
+def blowup_times(model: TwoLayer, data: Dataset, xi: torch.Tensor, blowup_norm: float = 1e4,
+                 t_max: float = 1e6) -> np.ndarray:
+    """``T_xi``: when the leading-order flow started at ``xi`` (unit scale) blows up (p >= 3).
+
+    The leading-order vector field is homogeneous of degree p - 1, so from ``eps xi`` it blows up
+    at ``T_xi eps^-(p-2)``: the escape time's prefactor. Located as the time the weight norm
+    reaches ``blowup_norm`` (the remaining time to the singularity is O(1/blowup_norm^(p-2))).
+    A unit that is not homogeneous (x tanh x) is replaced by its leading homogeneous part."""
+    term = leading_order_flow(leading_model(model), data)
+    ev = Event(lambda t, y, runs: blowup_norm - y.norm(dim=-1), -1, terminal=True)
+    sol = solve(term, xi, t_max, controller=PIController(rtol=1e-9, atol=1e-14), events=[ev],
+                max_norm=10 * blowup_norm)
+    return sol.event_times[:, 0].numpy()
+
+
+# ------------------------------------------------------------------ escape times
+
+def theta_norm(y):
+    return y.norm(dim=-1)
+
+
+@dataclass
+class EscapeSweep:
+    """First-escape times (loss half-way to the post-escape value) over ``eps`` on one ray ``xi``."""
+
+    unit: str
+    degree: float
+    eps: np.ndarray
+    times: np.ndarray          # (n_eps,), inf where censored
+    prefactor: float           # T_xi (p >= 3) or 1/s_1 (p = 2): the derived leading coefficient
+    reference: escape.Reference
+    seconds: float = 0.0
+    computed_degree: float = math.nan   # output_degree before rounding (what the chapter checks)
+
+    @property
+    def censored(self) -> np.ndarray:
+        return ~np.isfinite(self.times)
+
+
+def top_driving_value(problem: Problem) -> float:
+    """``s_1``: largest singular value of ``Sigma_yx = E[y x^T]`` (the linear units' growth rate)."""
+    d = problem.data
+    return float(torch.linalg.svdvals((d.y * d.w[:, None]).T @ d.x)[0])
+
+
+def escape_sweep(problem: Problem, eps, seed: int, pilot_eps: float = 0.05, drop: float = 0.8,
+                 t_max_factor: float = 20.0) -> EscapeSweep:
+    """Escape times of one problem over all ``eps`` on the ray ``xi`` of ``seed``, one batched
+    integration; ``t_max`` is ``t_max_factor`` times the derived leading term (runs that do not
+    escape come back censored)."""
+    import time
+    start = time.perf_counter()
+    model, term = problem.model, problem.flow
+    eps = np.asarray(eps, float)
+    computed = output_degree(model, problem.data.x, seed)
+    p = round(computed)
+    xi = model.init(1.0, [seed])
+    if p == 2:
+        prefactor = 1.0 / top_driving_value(problem)
+        lead = prefactor * np.log(1 / eps)
+    else:
+        prefactor = float(blowup_times(model, problem.data, xi)[0])
+        lead = prefactor * eps ** (-(p - 2))
+    ref = escape.post_escape_reference(term, pilot_eps * xi, theta_norm, t_max=1e3 * float(np.max(lead) + 10),
+                                       drop=drop)
+    theta0 = model.init(eps, [seed] * len(eps))
+    t_max = t_max_factor * (lead + ref.time)
+    res = escape.escape_times(term, theta0, torch.as_tensor(t_max, dtype=DTYPE), ref, theta_norm,
+                              definitions=("loss",), rtol=RTOL, atol=ATOL)
+    return EscapeSweep(model.unit.name, p, eps, res.times[:, 0].numpy(), prefactor, ref,
+                       time.perf_counter() - start, computed)
+
+
+# ------------------------------------------------------------------ linear FC: mode half-times
+
+def modes(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left modes ``L`` (k, m), singular values ``s`` (k,), right modes ``R`` (k, d) of
+    ``Sigma_yx`` (exactly ``T`` for whitened data); with equal values any orthonormal set will do."""
+    d = problem.data
+    S_yx = (d.y * d.w[:, None]).T @ d.x
+    U, s, Vh = torch.linalg.svd(S_yx)
+    k = len(problem.spectrum)
+    return U[:, :k].T, s[:k], Vh[:k]
+
+
+def mode_strengths(problem: Problem):
+    """``theta -> a_k = l_k^T W r_k`` (B, k): how much of mode k the network has learned."""
+    from ..sim.counts import end_to_end
+    L, _, R = modes(problem)
+    return lambda theta: torch.einsum("km,bmd,kd->bk", L, end_to_end(problem.model, theta), R)
+
+
+def saxe_half_time(s: float, a0: float, fraction: float = 0.5) -> float:
+    """Time for ``a' = 2 a (s - a)`` (a balanced mode, Saxe et al. 2014) to go from ``a0`` to
+    ``fraction * s``: ``ln((s/a0 - 1) / (1/fraction - 1)) / (2 s)``."""
+    return math.log((s / a0 - 1) / (1 / fraction - 1)) / (2 * s)
+
+
+def effective_overlap(problem: Problem, theta0: torch.Tensor, k: int = 0) -> torch.Tensor:
+    """``A0 = sum_i c_i^2``, ``c_i = (l_k . v_i + r_k . u_i) / 2``: the part of the initial weights
+    along mode k that grows like ``e^(s_k t)`` in the linear phase (the rest decays), so the mode
+    then follows Saxe's balanced law from ``a(0) = A0`` (the width enters only here)."""
+    L, _, R = modes(problem)
+    V, U = problem.model.unflatten(theta0)          # V (B, H, m), U (B, H, d)
+    c = 0.5 * (V @ L[k] + U @ R[k])
+    return (c * c).sum(-1)
+
+
+@dataclass
+class ModeRun:
+    """Half-times of every mode (B, k) -- ``inf`` where a mode was not learned before t_max --
+    and, when asked for, the loss and mode strengths on a time grid."""
+
+    times: np.ndarray
+    ts: np.ndarray | None = None
+    loss: np.ndarray | None = None          # (B, T)
+    strengths: np.ndarray | None = None     # (B, T, k)
+    theta_final: torch.Tensor | None = None
+
+
+def mode_run(problem: Problem, theta0: torch.Tensor, t_max, ts=None, gd_steps=None) -> ModeRun:
+    """Integrate runs ``theta0`` (B, P) and locate when each mode reaches half its singular value
+    (events, located on the dense output). With ``gd_steps`` (B,) the runs are gradient descent:
+    run b does steps of ``gd_steps[b]`` on ``L``, written as unit steps on ``gd_steps[b] * L``
+    so that all step sizes share one batched integration and the clock counts steps."""
+    model, data = problem.model, problem.data
+    a_of = mode_strengths(problem)
+    _, s, _ = modes(problem)
+    if gd_steps is None:
+        term, solver, ctrl = problem.flow, None, PIController(rtol=RTOL, atol=ATOL)
+    else:
+        eta = torch.as_tensor(gd_steps, dtype=DTYPE)
+        term = GradientFlow(lambda th: eta * model.loss(th, data))   # every run stays active: no terminal event
+        solver, ctrl = Euler(), ConstantStep(1.0)
+    events = [Event(lambda t, y, runs, k=k: 0.5 * s[k] - a_of(y)[:, k], -1, terminal=False, name=f"mode{k}")
+              for k in range(len(s))]
+    saveat = None
+    if ts is not None:
+        saveat = SaveAt(torch.as_tensor(ts, dtype=DTYPE),
+                        fn=lambda y: torch.cat([model.loss(y, data)[:, None], a_of(y)], -1))
+    sol = solve(term, theta0, torch.as_tensor(t_max, dtype=DTYPE), solver=solver, controller=ctrl,
+                events=events, saveat=saveat, max_steps=10_000_000)
+    times = sol.event_times.numpy()
+    # a mode already past half strength at t = 0 (a large structured start) is learned at t = 0
+    times[(a_of(theta0) >= 0.5 * s).numpy() & ~np.isfinite(times)] = 0.0
+    out = ModeRun(times, theta_final=sol.y_final)
+    if ts is not None:
+        out.ts, out.loss, out.strengths = np.asarray(ts, float), sol.ys[..., 0].numpy(), sol.ys[..., 1:].numpy()
+    return out
+
+
+def linear_t_max(spectrum, eps, slack: float = 3.0, extra: float = 10.0) -> np.ndarray:
+    """Generous integration times: ``slack * (ln(1/eps^2)/(2 s_min) + extra/s_min)`` per eps."""
+    s_min = min(spectrum)
+    return slack * (np.log(1 / np.asarray(eps, float) ** 2) / (2 * s_min) + extra / s_min)
+
+
+# ------------------------------------------------------------------ attention: staged escapes
+
+@dataclass
+class StageRun:
+    """First escape (loss half-way to the first plateau) and the end of learning (loss within
+    ``done_fraction`` of the initial excess above the final loss), (B,) each, on one problem."""
+
+    first: np.ndarray
+    done: np.ndarray
+    levels: tuple
+    ts: np.ndarray | None = None
+    loss: np.ndarray | None = None
+    sizes: np.ndarray | None = None        # (B, T, H): each unit's RMS contribution
+
+
+def stage_run(problem: Problem, theta0: torch.Tensor, t_max, reference: escape.Reference, final_loss: float,
+              done_fraction: float = 0.05, ts=None) -> StageRun:
+    """Loss events for the first escape and the end of learning, thresholds from a pilot:
+    ``reference`` (the first plateau, :func:`~saddle_escape.sim.escape.post_escape_reference`)
+    and ``final_loss`` (where the pilot ended)."""
+    from ..sim.counts import unit_sizes
+    model, data, term = problem.model, problem.data, problem.flow
+    L0 = term.loss(theta0)
+    half = 0.5 * (L0 + reference.loss)
+    done = final_loss + done_fraction * (L0 - final_loss)
+    events = [Event(lambda t, y, runs: term.loss(y) - half[runs], -1, terminal=False, name="first"),
+              Event(lambda t, y, runs: term.loss(y) - done[runs], -1, terminal=False, name="done")]
+    saveat = None
+    if ts is not None:
+        saveat = SaveAt(torch.as_tensor(ts, dtype=DTYPE),
+                        fn=lambda y: torch.cat([model.loss(y, data)[:, None], unit_sizes(model, y, data.x)], -1))
+    sol = solve(term, theta0, torch.as_tensor(t_max, dtype=DTYPE), controller=PIController(rtol=RTOL, atol=ATOL),
+                events=events, saveat=saveat)
+    out = StageRun(sol.event_times[:, 0].numpy(), sol.event_times[:, 1].numpy(),
+                   (float(reference.loss), float(final_loss)))
+    if ts is not None:
+        out.ts, out.loss, out.sizes = np.asarray(ts, float), sol.ys[..., 0].numpy(), sol.ys[..., 1:].numpy()
+    return out
+
+
+def pilot(problem: Problem, seed: int, eps: float, t_max: float, drop: float = 0.8):
+    """The first plateau (post-escape reference) and the final loss of one run at ``eps``."""
+    term = problem.flow
+    theta = problem.model.init(eps, [seed])
+    ref = escape.post_escape_reference(term, theta, theta_norm, t_max=t_max, drop=drop)
+    sol = solve(term, theta, t_max, controller=PIController(rtol=RTOL, atol=ATOL))
+    return ref, float(term.loss(sol.y_final).item())
+
+
+# ------------------------------------------------------------------ does the trajectory visit a saddle?
+
+def gradient_norms(problem: Problem, thetas: torch.Tensor) -> torch.Tensor:
+    """``||grad L||`` at many states (N, P) in one batched call."""
+    with torch.enable_grad():
+        th = thetas.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(problem.model.loss(th, problem.data).sum(), th)
+    return g.norm(dim=-1)
+
+
+def min_gradient_between_drops(ts, loss, grad, low: float = 0.1, high: float = 0.9) -> float:
+    """The rule fixed before looking: the smallest ``||grad L||`` while the loss lies between
+    ``L_end + low (L_0 - L_end)`` and ``L_end + high (L_0 - L_end)`` -- after the first escape
+    has begun and before the final convergence. A trajectory that passes near an intermediate
+    saddle has a point there whose gradient vanishes as eps -> 0; one that does not, has not."""
+    loss, grad = np.asarray(loss, float), np.asarray(grad, float)
+    ok = np.isfinite(loss)
+    L0, Lend = loss[ok][0], loss[ok][-1]
+    inside = ok & (loss <= Lend + high * (L0 - Lend)) & (loss >= Lend + low * (L0 - Lend))
+    return float(np.min(grad[inside])) if inside.any() else float("nan")
+
+
+def saddle_visit(problem: Problem, eps, seed: int, t_max, n_grid: int = 1500, converged: float = 0.02):
+    """Loss and ``||grad L||`` on a log time grid for every eps (one batched run per unit type):
+    returns ``(ts, loss (B, T), grad (B, T), g_min (B,))``. A run stops once its loss is below
+    ``converged`` times its initial loss (what follows is stiff and says nothing)."""
+    model, term = problem.model, problem.flow
+    eps = np.asarray(eps, float)
+    theta0 = model.init(eps, [seed] * len(eps))
+    floor = converged * term.loss(theta0)
+    stop = Event(lambda t, y, runs: term.loss(y) - floor[runs], -1, terminal=True)
+    ts = np.concatenate([[0.0], np.logspace(-2, np.log10(float(np.max(t_max))), n_grid)])
+    sol = solve(term, theta0, torch.as_tensor(t_max, dtype=DTYPE), events=[stop],
+                controller=PIController(rtol=RTOL, atol=ATOL), saveat=SaveAt(torch.as_tensor(ts, dtype=DTYPE)))
+    ys = sol.ys                                               # (B, T, P)
+    B, T, P = ys.shape
+    flat = ys.reshape(-1, P)
+    ok = torch.isfinite(flat).all(-1)
+    loss = torch.full((B * T,), math.nan, dtype=DTYPE)
+    grad = torch.full((B * T,), math.nan, dtype=DTYPE)
+    loss[ok] = model.loss(flat[ok], problem.data)
+    grad[ok] = gradient_norms(problem, flat[ok])
+    loss, grad = loss.reshape(B, T).numpy(), grad.reshape(B, T).numpy()
+    g_min = np.array([min_gradient_between_drops(ts, loss[b], grad[b]) for b in range(B)])
+    return ts, loss, grad, g_min
+
+
+# ------------------------------------------------------------------ small measurement helpers
+
+def slope_in_log(eps, times) -> float:
+    """``d t / d ln(1/eps)`` by least squares (two or more eps values)."""
+    return float(np.polyfit(np.log(1 / np.asarray(eps, float)), np.asarray(times, float), 1)[0])
+
+
+def loglog_slope(x, y) -> float:
+    """Least-squares slope of ``log y`` on ``log x`` (the fitted exponent)."""
+    return fits.power_law(x, y).slope if len(x) >= 3 else float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+def rank_correlation(x, y) -> float:
+    """Spearman's rank correlation (+1: y increases with x at every step of the ranking)."""
+    from scipy.stats import spearmanr
+    return float(spearmanr(x, y).statistic)
+
+
+# ------------------------------------------------------------------ attention: heads recruited one by one
+
+def head_events(problem: Problem, n_heads: int, rel: float = 0.05) -> list[Event]:
+    """One event per head: its RMS contribution reaches ``rel`` times the RMS of the target.
+
+    A head waiting at a plateau contributes O(eps^3); a recruited head O(1) (about the learned
+    direction's share of the target): any ``rel`` well inside that gap gives the same times up
+    to the O(1) duration of an escape, which is negligible against plateaus of order 1/eps."""
+    from ..sim.counts import unit_sizes
+    from ..sim.integrate import last_value_cache
+    d = problem.data
+    thr = rel * float(torch.sqrt((d.w[:, None] * d.y ** 2).sum()))
+    sizes = last_value_cache(lambda y: unit_sizes(problem.model, y, d.x))
+    return [Event(lambda t, y, runs, i=i: thr - sizes(y)[:, i], -1, terminal=False, name=f"head{i}")
+            for i in range(n_heads)]
+
+
+def recruit_times(problem: Problem, theta0: torch.Tensor, t_max, rel: float = 0.05, ts=None,
+                  stop_after: int | None = None):
+    """Sorted times (B, H) at which the heads are recruited (``inf``: never), and optionally the
+    loss and the head sizes on a time grid. With ``stop_after = k`` a run stops once k heads are
+    recruited (the plateaus after that are never integrated: they are stiff and long)."""
+    from ..sim.counts import unit_sizes
+    model, data = problem.model, problem.data
+    H = model.width
+    events = head_events(problem, H, rel)
+    if stop_after is not None:
+        d = data
+        thr = rel * float(torch.sqrt((d.w[:, None] * d.y ** 2).sum()))
+        k = min(stop_after, H)
+        events.append(Event(lambda t, y, runs: thr - torch.sort(unit_sizes(model, y, d.x), -1, descending=True)
+                            .values[:, k - 1], -1, terminal=True, name="stop"))
+    saveat = None
+    if ts is not None:
+        saveat = SaveAt(torch.as_tensor(ts, dtype=DTYPE),
+                        fn=lambda y: torch.cat([model.loss(y, data)[:, None], unit_sizes(model, y, data.x)], -1))
+    sol = solve(problem.flow, theta0, torch.as_tensor(t_max, dtype=DTYPE), controller=PIController(rtol=RTOL, atol=ATOL),
+                events=events, saveat=saveat)
+    times = np.sort(sol.event_times[:, :H].numpy(), axis=1)
+    if ts is None:
+        return times, None, None
+    return times, sol.ys[..., 0].numpy(), sol.ys[..., 1:].numpy()
+
+
+# ------------------------------------------------------------------ the chapter's experiments
+
+LINEAR_DIM = 4            # linear FC problems: d = m = 4, a teacher of rank 3 (so "low-rank" means something)
+N_MODES = 3
+BIG_SCALE = 0.3           # the "large" part of a structured initialisation (per entry)
+
+
+def base_linear(kappa: float, width: int, seed: int) -> Problem:
+    return linear_problem(power_spectrum(N_MODES, kappa), width, seed, dim=LINEAR_DIM)
+
+
+def grid_runs(model: TwoLayer, eps, seeds) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Initial states for every (eps, seed) pair, eps-major: (B, P), eps (B,), seed (B,)."""
+    e = np.repeat(np.asarray(eps, float), len(seeds))
+    sd = np.tile(np.asarray(seeds), len(eps))
+    return model.init(e, [int(v) for v in sd]), e, sd
+
+
+def spectrum_linear(kappas, width: int, eps, seeds) -> dict:
+    """Fig. 2B, linear FC: mode half-times for every kappa, eps and seed."""
+    out = {}
+    for kappa in kappas:
+        pr = base_linear(kappa, width, 0)
+        th, e, sd = grid_runs(pr.model, eps, seeds)
+        run = mode_run(pr, th, linear_t_max(pr.spectrum, e))
+        out[kappa] = dict(spectrum=pr.spectrum, eps=e, seed=sd, times=run.times)
+    return out
+
+
+def spectrum_attention(kappas, heads: int, eps, seeds, rel: float = 0.05) -> dict:
+    """Fig. 2B, attention: the first two recruitment times for every kappa, eps and seed
+    (each run stops at its second recruitment: the plateau in between is what is measured)."""
+    out = {}
+    for kappa in kappas:
+        pr = attention_problem(power_spectrum(N_MODES, kappa), heads, 0)
+        th, e, sd = grid_runs(pr.model, eps, seeds)
+        T = blowup_times(pr.model, pr.data, pr.model.init(1.0, [int(v) for v in seeds]))
+        t_max = 50 * np.max(T) / e
+        times, _, _ = recruit_times(pr, th, t_max, rel, stop_after=2)
+        out[kappa] = dict(spectrum=pr.spectrum, eps=e, seed=sd, times=times[:, :2])
+    return out
+
+
+def width_linear(widths, kappa: float, eps: float, seeds) -> dict:
+    """Fig. 2A, linear FC: mode-1 half-time per width and seed, measured and predicted by Saxe's
+    balanced law from the effective initial overlap ``A0`` of those very weights."""
+    out = {}
+    for H in widths:
+        pr = base_linear(kappa, H, 0)
+        th, e, sd = grid_runs(pr.model, [eps], seeds)
+        s1 = pr.spectrum[0]
+        pred = np.array([saxe_half_time(s1, float(a)) for a in effective_overlap(pr, th, 0)])
+        run = mode_run(pr, th, 3 * pred + 10)
+        out[H] = dict(measured=run.times[:, 0], predicted=pred, seed=sd)
+    return out
+
+
+def width_attention(heads_list, kappa: float, eps: float, seeds, rel: float = 0.05) -> dict:
+    """Fig. 2A, attention: first recruitment time per number of heads and seed, measured and
+    predicted as ``min_i T_i / eps`` -- the first head to blow up under the leading-order flow,
+    which is a sum of independent heads, so more heads give an earlier minimum."""
+    out = {}
+    for H in heads_list:
+        pr = attention_problem(power_spectrum(N_MODES, kappa), H, 0)
+        xi = pr.model.init(1.0, [int(v) for v in seeds])
+        pred = blowup_times(pr.model, pr.data, xi) / eps
+        th, e, sd = grid_runs(pr.model, [eps], seeds)
+        times, _, _ = recruit_times(pr, th, 5 * pred + 100, rel, stop_after=1)
+        out[H] = dict(measured=times[:, 0], predicted=pred, seed=sd)
+    return out
+
+
+def structured_init(problem: Problem, rank: int, eps: float, seed: int, big: float = BIG_SCALE) -> torch.Tensor:
+    """Fig. 2C: units 1..rank at scale ``big`` (a large rank-``rank`` W), the others at ``eps``."""
+    th = problem.model.init(eps, [seed])
+    V, U = problem.model.unflatten(th.clone())
+    V[:, :rank] *= big / eps
+    U[:, :rank] *= big / eps
+    return problem.model.flatten(V, U)
+
+
+def init_experiments(kappa: float, width: int, ranks, structure_eps, init_scales, gd_eps: float, seed: int,
+                     n_grid: int = 400) -> dict:
+    """Fig. 2C and 2D and the gradient-flow reference of the learning-rate study: one batched run
+    of the base linear problem. Returns mode half-times per run and loss curves for the figures."""
+    pr = base_linear(kappa, width, 0)
+    rows, states = [], []
+    for k in ranks:
+        for e in structure_eps:
+            rows.append(("structure", k, e))
+            states.append(structured_init(pr, k, e, seed))
+    for e in init_scales:
+        rows.append(("scale", 0, e))
+        states.append(pr.model.init(e, [seed]))
+    rows.append(("gd_reference", 0, gd_eps))
+    states.append(pr.model.init(gd_eps, [seed]))
+    th = torch.cat(states)
+    e = np.array([r[2] for r in rows])
+    t_max = linear_t_max(pr.spectrum, np.minimum(e, 0.1))
+    ts = np.concatenate([[0.0], np.logspace(-2, np.log10(t_max.max()), n_grid)])
+    run = mode_run(pr, th, t_max, ts=ts)
+    from ..sim.counts import rank as relative_rank
+    ranks_final = relative_rank(pr.model, run.theta_final).numpy()
+    return dict(problem=pr, rows=rows, times=run.times, ts=run.ts, loss=run.loss, strengths=run.strengths,
+                final_rank=ranks_final, theta0=th)
+
+
+def learning_rate_runs(kappa: float, width: int, learning_rates, eps: float, seed: int, flow_time_mode2: float) -> dict:
+    """Plain gradient descent with every step size in one batched Euler integration (unit steps on
+    ``eta L``): mode half-times counted in steps."""
+    pr = base_linear(kappa, width, 0)
+    eta = np.asarray(learning_rates, float)
+    th = pr.model.init(eps, [seed] * len(eta))
+    steps_max = float(np.ceil(1.5 * flow_time_mode2 / eta.min()))
+    run = mode_run(pr, th, steps_max, gd_steps=eta)
+    return dict(eta=eta, steps=run.times)
+
+
+def unit_family(units, width: int, eps_by_unit: dict, seed: int, n_grid: int = 400, t_linear: float = 40.0,
+                slack: float = 100.0) -> dict:
+    """tanh vs x tanh x vs cubic: loss and gradient norm along trajectories and the minimum
+    gradient between the drops, for every eps. Runs last at most ``slack`` times the first
+    escape time of the leading-order flow (``t_linear`` for the degree-2 units)."""
+    out = {}
+    for u in units:
+        pr = unit_teacher_problem(u, width, seed, input_dim=3, teacher_weights=(1.0, -0.5), n_samples=128)
+        eps = np.asarray(eps_by_unit[u], float)
+        p = round(output_degree(pr.model, pr.data.x, seed))
+        if p >= 3:
+            T = float(blowup_times(pr.model, pr.data, pr.model.init(1.0, [seed]))[0])
+            t_max = slack * T * eps ** (-(p - 2)) + t_linear
+        else:
+            t_max = np.full(len(eps), t_linear)
+        ts, loss, grad, g_min = saddle_visit(pr, eps, seed, t_max, n_grid)
+        out[u] = dict(eps=np.asarray(eps_by_unit[u], float), ts=ts, loss=loss, grad=grad, g_min=g_min,
+                      degree=output_degree(pr.model, pr.data.x))
+    return out
+
+
+def synthesis(units, eps_by_unit: dict, seed: int) -> dict:
+    """One law: escape-time sweeps of one unit of each type (loss definition)."""
+    return {u: escape_sweep(synthesis_problem(u, seed), eps_by_unit[u], seed) for u in units}
+
+
+#: The degree p of each unit's output in its weights, as the one law assigns it (Part I's r = p):
+#: the chapter checks these against :func:`output_degree`, which computes them.
+EXPECTED_DEGREE = {"linear": 2, "quadratic": 3, "attention": 3, "xtanh": 3, "cubic": 4}
+
+#: eps values of the saddle-visit comparison per unit (moderate: the plateaus there are stiff).
+FAMILY_EPS = {"tanh": [0.2, 0.1, 0.05], "xtanh": [0.2, 0.1, 0.05]}

@@ -1,0 +1,221 @@
+"""Chapter 12's measurements: every claim family passes on the right input and fails on a
+realistic wrong one (fed through the same helpers and the same ChapterRun.claim comparison)."""
+import numpy as np
+import pytest
+import torch
+
+from saddle_escape import book
+from saddle_escape.sim import fits
+from saddle_escape.sim.errors import ParameterError
+from saddle_escape.sim.integrate import ConstantStep, Euler, solve
+from saddle_escape.studies import implications as I
+
+
+@pytest.fixture
+def check(tmp_path):
+    """``check(measured, expected, tolerance, kind)`` -> passed, by the chapter's own comparison."""
+    run = book.ChapterRun("12_test", dict(profile="quick", seed=0, results_dir=str(tmp_path),
+                                          figures_dir=str(tmp_path)))
+    counter = iter(range(10_000))
+    return lambda m, e, tol=None, kind="abs": run.claim(f"k{next(counter)}", "s", m, e, tol, kind=kind)
+
+
+# ------------------------------------------------------------------ the degree p (computed, not typed)
+
+@pytest.mark.parametrize("unit", ["linear", "quadratic", "attention", "cubic", "xtanh"])
+def test_output_degree_is_computed(unit, check):
+    pr = I.synthesis_problem(unit, 0) if unit != "xtanh" else I.unit_teacher_problem("xtanh", 2, 0)
+    deg = I.output_degree(pr.model, pr.data.x)
+    assert check(deg, I.EXPECTED_DEGREE[unit], 0.01)
+    assert not check(deg, I.EXPECTED_DEGREE[unit] + 1, 0.01)   # a unit of another degree fails
+
+
+def test_tanh_is_degree_two_like_a_linear_unit():
+    pr = I.unit_teacher_problem("tanh", 2, 0)
+    assert I.output_degree(pr.model, pr.data.x) == pytest.approx(2.0, abs=1e-4)
+
+
+def test_synthesis_refuses_unknown_unit():
+    with pytest.raises(ParameterError, match="units"):
+        I.synthesis_problem("relu", 0)
+
+
+# ------------------------------------------------------------------ synthesis.exponent / prefactor
+
+def test_quadratic_escape_follows_one_over_eps_with_derived_prefactor(check):
+    eps = np.array([1e-2, 1e-3, 1e-4])
+    s = I.escape_sweep(I.synthesis_problem("quadratic", 0), eps, 0)
+    assert not s.censored.any()
+    slope = fits.power_law(s.eps, s.times).slope
+    assert check(slope, -1.0, 0.02)
+    assert check(s.times[-1] * s.eps[-1] / s.prefactor, 1.0, 0.02, "rel")
+    # wrong inputs: the same times claimed for a cubic unit, or a prefactor 5% off
+    assert not check(slope, -2.0, 0.02)
+    assert not check(1.05 * s.times[-1] * s.eps[-1] / s.prefactor, 1.0, 0.02, "rel")
+
+
+def test_log_law_claim_fails_for_a_power_law(check):
+    eps = np.logspace(-2, -8, 4)
+    t_log = 3.0 + np.log(1 / eps)
+    t_pow = eps ** -0.5                                # a weak power law, wrongly claimed as the log law
+    assert check(fits.log_law(eps, t_log).r2, 0.999, kind="min")
+    assert not check(fits.log_law(eps, t_pow).r2, 0.999, kind="min")
+
+
+def test_blowup_time_scales_with_eps():
+    pr = I.synthesis_problem("attention", 1)
+    xi = pr.model.init(1.0, [1])
+    T1 = I.blowup_times(pr.model, pr.data, xi)[0]
+    T2 = I.blowup_times(pr.model, pr.data, 0.5 * xi)[0]
+    assert T2 == pytest.approx(2 * T1, rel=1e-3)      # degree 3: T(c xi) = T(xi) / c
+
+
+# ------------------------------------------------------------------ linear networks: modes, width, spectrum
+
+def test_mode_times_follow_saxe_from_the_effective_overlap(check):
+    pr = I.base_linear(1.0, 5, 0)
+    th, e, _ = I.grid_runs(pr.model, [1e-4], [0, 1])
+    pred = np.array([I.saxe_half_time(pr.spectrum[0], float(a)) for a in I.effective_overlap(pr, th, 0)])
+    run = I.mode_run(pr, th, 3 * pred + 10)
+    err = float(np.max(np.abs(run.times[:, 0] / pred - 1)))
+    assert check(err, 0.02, kind="max")
+    # wrong input: the prediction without the width (one unit's overlap instead of the sum)
+    V, U = pr.model.unflatten(th)
+    L, _, R = I.modes(pr)
+    c0 = 0.5 * (V[:, 0] @ L[0] + U[:, 0] @ R[0])
+    wrong = np.array([I.saxe_half_time(pr.spectrum[0], float(a)) for a in c0 ** 2])
+    assert not check(float(np.max(np.abs(run.times[:, 0] / wrong - 1))), 0.02, kind="max")
+
+
+def test_spectrum_slopes_kappa_zero_has_no_plateau(check):
+    eps = [1e-2, 1e-5]
+    out = I.spectrum_linear([0.0, 1.0], 4, eps, [0])
+    slopes = {}
+    for kappa, r in out.items():
+        slopes[kappa] = I.slope_in_log(r["eps"], r["times"][:, -1] - r["times"][:, 0])
+    assert check(abs(slopes[0.0] - 0.0), 0.03, kind="max")
+    assert check(abs(slopes[1.0] - 2.0), 0.03, kind="max")
+    # wrong input: a kappa = 0 network that still had plateaus (the kappa = 1 slope)
+    assert not check(abs(slopes[1.0] - 0.0), 0.03, kind="max")
+    # summary.eigenvalue_gap[direction]: the plateau grows with the gap, the summary's reverse fails
+    gaps = [0.0, 0.5]
+    plat = [float(r["times"][1, 1] - r["times"][1, 0]) for r in out.values()]
+    assert check(I.rank_correlation(gaps, plat), 1.0, 1e-9)
+    assert not check(I.rank_correlation(gaps, plat[::-1]), 1.0, 1e-9)
+
+
+def test_width_exponent_claim_fails_for_linear_growth(check):
+    Hs = np.array([4.0, 16.0])
+    derived = 10.0 - np.log(Hs) / 2                     # a logarithmic shift of the drop
+    assert check(I.loglog_slope(Hs, derived), I.loglog_slope(Hs, derived), 0.02)
+    assert not check(I.loglog_slope(Hs, 2.5 * Hs), I.loglog_slope(Hs, derived), 0.02)
+
+
+def test_structured_init_is_large_on_its_rank_and_small_elsewhere():
+    pr = I.base_linear(1.0, 4, 0)
+    th = I.structured_init(pr, 2, 1e-6, 0)
+    V, U = pr.model.unflatten(th)
+    big = torch.cat([V[0, :2].flatten(), U[0, :2].flatten()]).abs().max()
+    small = torch.cat([V[0, 2:].flatten(), U[0, 2:].flatten()]).abs().max()
+    assert big > 0.05 and small < 1e-5
+
+
+def test_init_structure_claims(check):
+    pr = I.base_linear(1.0, 4, 0)
+    eps = np.array([1e-2, 1e-5])
+    th = torch.cat([I.structured_init(pr, 1, e, 0) for e in eps])
+    run = I.mode_run(pr, th, I.linear_t_max(pr.spectrum, eps))
+    assert check(abs(I.slope_in_log(eps, run.times[:, 0])), 0.02, kind="max")            # no plateau for mode 1
+    assert check(I.slope_in_log(eps, run.times[:, 1]) * pr.spectrum[1], 1.0, 0.03, "rel")  # then a plateau
+    # wrong input: a small isotropic start, which has a plateau before mode 1 too
+    iso = I.mode_run(pr, pr.model.init(eps, [0, 0]), I.linear_t_max(pr.spectrum, eps))
+    assert not check(abs(I.slope_in_log(eps, iso.times[:, 0])), 0.02, kind="max")
+
+
+def test_init_scale_order_count_fails_when_out_of_order(check):
+    ok = np.array([[1.0, 2.0, 3.0], [0.5, 1.0, 2.0]])
+    bad = np.array([[1.0, 2.0, 3.0], [0.5, 0.4, 2.0]])
+    count = lambda t: int(np.sum(np.any(np.diff(t, axis=1) <= 0, axis=1)))  # noqa: E731
+    assert check(count(ok), 0, kind="equal")
+    assert not check(count(bad), 0, kind="equal")
+
+
+# ------------------------------------------------------------------ gradient descent
+
+def test_batched_gd_equals_plain_gd():
+    pr = I.base_linear(1.0, 4, 0)
+    eta = [0.02, 0.05]
+    th = pr.model.init(0.1, [0, 0])
+    batched = I.mode_run(pr, th, 400.0, gd_steps=eta)
+    for b, h in enumerate(eta):
+        sol = solve(pr.flow, th[b:b + 1], 400.0 * h, solver=Euler(), controller=ConstantStep(h))
+        ref = I.mode_run(pr, th[b:b + 1], 400.0, gd_steps=[h])
+        assert np.allclose(batched.times[b], ref.times[0], rtol=1e-9)
+        assert torch.allclose(batched.theta_final[b], sol.y_final[0], rtol=1e-9, atol=1e-12)
+
+
+def test_learning_rate_claim_fails_for_a_logarithmic_law(check):
+    eta = np.array([0.005, 0.01, 0.02, 0.04])
+    steps_true = 4.0 / eta                              # flow time / eta
+    steps_log = 300 + 40 * np.log(0.5 / eta)            # "logarithmic in the ratio of learning rate to gap"
+    assert check(I.loglog_slope(eta, steps_true), -1.0, 0.03)
+    assert not check(I.loglog_slope(eta, steps_log), -1.0, 0.03)
+
+
+# ------------------------------------------------------------------ is a saddle visited?
+
+def _curve(eps, plateau: bool):
+    """A loss curve falling from 1 to 0 with (or without) a resting point at 0.4 whose gradient is eps^2."""
+    ts = np.linspace(0, 10, 2001)
+    loss = 1 - 0.6 / (1 + np.exp(-5 * (ts - 2)))
+    loss = loss - 0.4 / (1 + np.exp(-5 * (ts - 7)))
+    grad = np.abs(np.gradient(loss, ts)) + (eps ** 2 if plateau else 0.3)
+    return ts, loss, grad
+
+
+def test_min_gradient_rule_tells_saddle_from_none(check):
+    eps = np.array([0.2, 0.1, 0.05])
+    g_saddle = [I.min_gradient_between_drops(*_curve(e, True)) for e in eps]
+    g_none = [I.min_gradient_between_drops(*_curve(e, False)) for e in eps]
+    gs, gn = I.loglog_slope(eps, g_saddle), I.loglog_slope(eps, g_none)
+    assert gs == pytest.approx(2.0, abs=0.05)
+    assert check(gs, 0.5, kind="min") and check(gn, 0.5, kind="max")
+    # wrong inputs: a trajectory without a saddle claimed as x tanh x's, and the reverse for tanh
+    assert not check(gn, 0.5, kind="min")
+    assert not check(gs, 0.5, kind="max")
+
+
+def test_min_gradient_window_excludes_the_initial_plateau():
+    ts = np.linspace(0, 10, 1001)
+    loss = 1 - 1 / (1 + np.exp(-5 * (ts - 5)))          # one drop: flat start and end only
+    grad = np.abs(np.gradient(loss, ts))
+    assert I.min_gradient_between_drops(ts, loss, grad) > 0.05
+
+
+# ------------------------------------------------------------------ attention plateaus
+
+def test_attention_plateau_claims_fail_on_wrong_inputs(check):
+    eps = np.array([0.04, 0.02])
+    first = 20.0 / eps
+    survives = 3.0 / eps                               # a plateau of order 1/eps
+    removed = 3.0 + 0 * eps                            # an O(1) transition: no plateau
+    share = lambda gap: (gap / first)[1] / (gap / first)[0]   # noqa: E731  (smaller eps over larger)
+    assert check(share(survives), 0.8, kind="min")
+    assert not check(share(removed), 0.8, kind="min")
+    assert check(np.mean(survives) / np.mean(2 * survives), 1.0, kind="max")
+    assert not check(np.mean(2 * survives) / np.mean(survives), 1.0, kind="max")
+
+
+def test_power_spectrum():
+    assert np.allclose(I.power_spectrum(3, 0.0), 1.0)
+    assert np.allclose(I.power_spectrum(3, 1.0), [1, 0.5, 1 / 3])
+
+
+def test_xtanh_prefactor_uses_its_leading_quadratic_part(check):
+    # x tanh x saturates to |x| at large weights, so its own "leading-order" flow never blows up;
+    # the prefactor must come from the quadratic leading part (a wrong T would be ~30x too large)
+    pr = I.synthesis_problem("xtanh", 0)
+    assert I.leading_model(pr.model).unit.name == "quadratic"
+    quad = I.TwoLayer.build("quadratic", pr.model.input_dim, pr.model.width, pr.model.output_dim)
+    xi = pr.model.init(1.0, [0])
+    assert I.blowup_times(pr.model, pr.data, xi)[0] == pytest.approx(I.blowup_times(quad, pr.data, xi)[0], rel=1e-12)

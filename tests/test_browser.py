@@ -180,8 +180,11 @@ def _check_ledger(page, doc):
 
 def _check_raw_tables(page, doc):
     """A markdown table that did not parse shows up as a paragraph of pipes."""
-    raw = page.evaluate("() => [...document.querySelectorAll('main p')]"
-                        ".map(p => p.innerText.trim()).filter(t => t.startsWith('|'))")
+    # a row of cells: the first line starts and ends with a pipe and holds three or more
+    # (a statement like "|dDelta_1/dt| ~ ..." that merely starts with one is fine)
+    raw = page.evaluate("() => [...document.querySelectorAll('main p')].map(p => p.innerText.trim())"
+                        ".filter(t => { const l = t.split('\\n')[0].trim();"
+                        " return (l.startsWith('|') && l.endsWith('|') && l.split('|').length > 3) || t.includes('|---'); })")
     return [f"{doc}: table rendered as raw pipes: {t[:60]!r}" for t in raw]
 
 

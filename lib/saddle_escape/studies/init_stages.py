@@ -580,12 +580,25 @@ def plateaus(problem: Problem, sw: Sweep, rel: float = 0.05) -> list[Plateau]:
 
 
 def expected_minimum(samples: np.ndarray, H: int) -> float:
-    """``E[min of H independent draws]`` from the empirical distribution of ``samples``:
-    ``sum_j T_(j) [((n - j + 1) / n)^H - ((n - j) / n)^H]`` over the sorted sample."""
-    T = np.sort(np.asarray(samples, float))
+    """``E[min of H draws]`` from the sample, drawing ``H`` distinct members: the j-th smallest
+    ``T_(j)`` is the minimum with probability ``C(n - j, H - 1) / C(n, H)``. (Drawing distinct
+    members keeps the few extremely slow units of the sample -- a nearly stuck unit can take
+    1e100 time units -- from weighing in: for H >= 2 the slowest one is never the minimum.)"""
+    from scipy.special import gammaln
+    T = np.asarray(samples, float)
+    # nearly stuck units (F almost touching zero) have astronomically long, poorly resolved
+    # times; above 1000 medians a time can only be the minimum if all H draws are that slow,
+    # so capping it there changes E[min] by a negligible amount for H >= 2
+    T = np.sort(np.minimum(T, 1e3 * np.median(T)))
     n = len(T)
     j = np.arange(1, n + 1)
-    return float((T * (((n - j + 1) / n) ** H - ((n - j) / n) ** H)).sum())
+    k = n - j
+    ok = k >= H - 1
+    logw = np.full(n, -np.inf)
+    logw[ok] = (gammaln(k[ok] + 1) - gammaln(H) - gammaln(k[ok] - H + 2)
+                - (gammaln(n + 1) - gammaln(H + 1) - gammaln(n - H + 1)))
+    w = np.exp(logw)
+    return float((T[w > 0] * w[w > 0]).sum())
 
 
 def reference_times(problem: Problem, eps: float, n_units: int, seed: int, threshold: float) -> np.ndarray:

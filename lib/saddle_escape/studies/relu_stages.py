@@ -4,7 +4,7 @@ Setup: inputs ``x = (cos phi, sin phi)`` uniform on the unit circle, a bias-free
 ``f(x) = sum_i v_i relu(u_i . x)`` (:class:`~saddle_escape.sim.twolayer.TwoLayer` with unit
 ``"relu"``), and a teacher ``y(x) = sum_k a_k relu(w_k . x)`` of a few ReLU units.
 
-Population loss in closed form. For two vectors ``u, w`` of the plane at angle ``delta``,
+Population loss in closed form. For two vectors ``u, w`` of the plane at angle ``delta``::
 
     E_phi[relu(u.x) relu(w.x)] = ((pi - delta) u.w + |u x w|) / (4 pi)
 

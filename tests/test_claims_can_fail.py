@@ -223,3 +223,16 @@ def test_a_passed_value_wins_over_the_quick_profile(chapter, tmp_path):
         got = ns[name]
         got = sorted(got, reverse=True) if name == "eps_values" and chapter == "03_activation_classes" else got
         assert got == value, f"{chapter}: -p {name} {value!r} became {got!r} in the quick profile"
+
+
+def test_off_manifold_refuses_the_quadratic_activation(tmp_path):
+    """Chapter 06 with sigma = z + a z^2 overflows in its He-scale front layers: a clear refusal
+    naming the parameter, not a DivergenceError deep in the integrator."""
+    cells = _setup_cells("06_off_manifold")
+    ns: dict = {}
+    exec(compile(cells[0], "parameters", "exec"), ns)
+    ns.update(profile="quick", activation="quadratic", results_dir=str(tmp_path / "results"),
+              figures_dir=str(tmp_path / "figures"))
+    with pytest.raises(book.params.ParameterError, match="activation = 'quadratic'"):
+        for k, src in enumerate(cells[1:]):
+            exec(compile(src, f"cell{k + 1}", "exec"), ns)

@@ -1,7 +1,7 @@
 """The book machinery: the chapter-side API, parameter checks, plotting, provenance, and the
 pipeline that executes chapters and builds the HTML (``python -m saddle_escape``).
 
-A chapter uses :class:`ChapterRun` (claims, figures, glue, results JSON), :mod:`.params`
+A chapter uses :class:`~saddle_escape.book.chapter.ChapterRun` (claims, figures, glue, results JSON), :mod:`.params`
 (validation) and :mod:`.plotting` (the book's look).
 """
 from .chapter import (COMMAND_ENV, ChapterRun, ClaimsFailed, claims_markdown, describe_expected,  # noqa: F401

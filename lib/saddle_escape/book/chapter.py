@@ -330,7 +330,7 @@ class ChapterRun:
     Notes
     -----
     Construction validates the four standard parameters (raising
-    :class:`saddle_escape.book.params.ParameterError`) and seeds Python's, numpy's and torch's global
+    :class:`saddle_escape.sim.errors.ParameterError`) and seeds Python's, numpy's and torch's global
     RNGs with ``seed``.
     """
 

@@ -1,7 +1,7 @@
 """Validation of chapter parameters.
 
 Every chapter checks its knobs right after the `parameters` cell, before any work starts.
-Each check returns the (possibly normalised) value and raises :class:`ParameterError` with one
+Each check returns the (possibly normalised) value and raises :class:`~saddle_escape.sim.errors.ParameterError` with one
 readable line naming the parameter, the value and what is allowed::
 
     eps_min = -1.0 is not allowed: must be a number > 0
@@ -25,7 +25,7 @@ PROFILES = ("quick", "full")
 
 
 def require(condition: bool, name: str, value: Any, allowed: str) -> None:
-    """Raise :class:`ParameterError` unless `condition` holds.
+    """Raise :class:`~saddle_escape.sim.errors.ParameterError` unless `condition` holds.
 
     For constraints that involve several parameters, e.g.
     ``require(r <= L, "r", r, f"must be <= L = {L}")``.

@@ -59,7 +59,7 @@ class Grid:
 
 
 def make_grid(source: Path, overrides: list[tuple[str, Any]], profile: str) -> Grid:
-    """The grid of ``-p`` pairs (already parsed), refused with one line (:class:`PipelineError`)
+    """The grid of ``-p`` pairs (already parsed), refused with one line (:class:`~saddle_escape.book.pipeline.PipelineError`)
     before anything runs: a name the chapter lacks, a reserved name, a name given twice, an
     empty list, or no list at all."""
     chapter = Path(source).stem

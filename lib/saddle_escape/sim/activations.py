@@ -178,7 +178,7 @@ NAMES = tuple(_FACTORIES)
 def get(name: str | Activation, **kwargs) -> Activation:
     """Look up an activation by name (``"tanh"``, ``"gelu"``, ``"quadratic"`` with ``a=...``).
 
-    Raises :class:`~saddle_escape.book.params.ParameterError` naming the allowed names.
+    Raises :class:`~saddle_escape.sim.errors.ParameterError` naming the allowed names.
     """
     if isinstance(name, Activation):
         return name

@@ -10,7 +10,7 @@ the width-H network, with the same input-output map, by four constructions (:fun
 * ``combination`` (phi linear in u): ``u_H = sum_j gu_j u_j*``, ``v_H = sum_j gv_j v_j*``,
   ``v_j = v_j* - gu_j v_H``.
 
-The invariant manifolds (:data:`MANIFOLDS`) relate the last unit to the others:
+The invariant manifolds (``MANIFOLDS``) relate the last unit to the others:
 ``equal`` (theta_H = theta_1), ``zero`` (theta_H = 0), ``proportional`` (theta_H = gamma theta_1)
 and ``combination`` (theta_H = sum_j gamma_j theta_j). Distances, projections and the normal
 component of the gradient-flow vector field are all *relative* (divided by the size of the terms

@@ -71,7 +71,7 @@ def whitened_singular_values(moments: Moments, rcond: float = 1e-10) -> torch.Te
 
 
 def linear_flow(model: TwoLayer, moments: Moments) -> GradientFlow:
-    """Gradient flow of a linear fully connected :class:`TwoLayer` (``W = V^T U``) on the exact
+    """Gradient flow of a linear fully connected :class:`~saddle_escape.sim.twolayer.TwoLayer` (``W = V^T U``) on the exact
     moment loss, with the hand-written gradient ``-dL/dV = U R^T``, ``-dL/dU = V R``
     (``R = Sigma_yx - W Sigma_xx``): the same flow as ``model.flow(data)`` at a cost independent of
     the number of samples."""

@@ -6,7 +6,7 @@ A :class:`TwoLayer` holds the shapes; every method works on a batch of flat para
 ``theta`` of shape (B, P), so an eps sweep or a set of seeds is one call to the integrator, as
 for Part I's :class:`~saddle_escape.sim.networks.MLP`.
 
-The units (:data:`UNITS`), with ``z = u^T x`` the pre-activation:
+The units (``UNITS``), with ``z = u^T x`` the pre-activation:
 
 =============  ============================================  ========================
 name           phi(x; u)                                     v_i
@@ -71,7 +71,7 @@ UNITS: dict[str, Unit] = {u.name: u for u in (
 
 
 def get_unit(name: str) -> Unit:
-    """The unit called `name`; a :class:`ParameterError` lists the known names otherwise."""
+    """The unit called `name`; a :class:`~saddle_escape.sim.errors.ParameterError` lists the known names otherwise."""
     if name not in UNITS:
         raise ParameterError("unit", name, f"must be one of {', '.join(UNITS)}")
     return UNITS[name]

@@ -40,7 +40,7 @@ class UnitProperties:
 
     @property
     def unit_type(self) -> str:
-        """The Part II type: "I", "II", "III" or "none"."""
+        """The Part II type, one of "I", "II", "III" or "none"."""
         if self.linear:
             return "I"
         if self.positively_homogeneous:

@@ -31,7 +31,7 @@ COVERED_CLASSES = ("A", "B", "C")
 
 
 def check_activation(name):
-    """The activation, or a :class:`~saddle_escape.book.params.ParameterError` for class D (sigma(0) != 0 has no saddle at 0)."""
+    """The activation, or a :class:`~saddle_escape.sim.errors.ParameterError` for class D (sigma(0) != 0 has no saddle at 0)."""
     act = activations.get(name)
     if act.cls not in COVERED_CLASSES:
         raise ParameterError("activation", name, f"it is class {act.cls} (sigma(0) = {act.sigma0:.3g} != 0) and the "

@@ -2,8 +2,7 @@
 
 For each unit type: a teacher of the same family (width H + 1, output scaled to unit RMS) on
 whitened Gaussian inputs (sample covariance exactly I), or in-context linear regression for
-attention; the width-(H-1) student is converged to a fixed point (:func:`~saddle_escape.sim.
-embedding.fixed_points`) and embedded in width H by every construction of Theorem 1; the
+attention; the width-(H-1) student is converged to a fixed point (:func:`~saddle_escape.sim.embedding.fixed_points`) and embedded in width H by every construction of Theorem 1; the
 manifolds of Theorem 3 are probed at random points on them and along trajectories; the width-1
 optimum embedded in width 2 is classified by its Hessian.
 """

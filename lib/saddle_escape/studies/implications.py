@@ -137,7 +137,7 @@ def leading_order_flow(model: TwoLayer, data: Dataset) -> GradientFlow:
     return GradientFlow(minus_correlation)
 
 
-#: Units whose phi is not homogeneous: the homogeneous unit of their lowest Taylor order in u
+#: Units whose phi is not homogeneous, mapped to the homogeneous unit of their lowest Taylor order in u
 #: (x tanh x = x^2 - x^4/3 + ...), whose flow the leading-order flow is.
 LEADING_UNIT = {"xtanh": "quadratic"}
 
@@ -613,5 +613,5 @@ def synthesis(units, eps_by_unit: dict, seed: int) -> dict:
 #: the chapter checks these against :func:`output_degree`, which computes them.
 EXPECTED_DEGREE = {"linear": 2, "quadratic": 3, "attention": 3, "xtanh": 3, "cubic": 4}
 
-#: eps values of the saddle-visit comparison per unit (moderate: the plateaus there are stiff).
+#: The eps values of the saddle-visit comparison per unit (moderate, as the plateaus there are stiff).
 FAMILY_EPS = {"tanh": [0.2, 0.1, 0.05], "xtanh": [0.2, 0.1, 0.05]}

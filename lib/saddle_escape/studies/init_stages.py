@@ -13,7 +13,7 @@ Both models are ``f(x) = sum_i v_i u_i^T Z(x) u_i`` with scalar ``v_i``:
 Near the origin every unit follows its own *decoupled* system ``v' = u^T S u, u' = 2 v S u``
 (``S = E[y Z]``). :func:`blowup` solves it in closed form (a particle in a potential, see
 chapter 11) from each unit's actual initial weights: the blow-up time and the time its size
-reaches a threshold. :func:`sweep` integrates the full network in the rescaled time
+reaches a threshold. :func:`run_sweep` integrates the full network in the rescaled time
 ``tau = eps t`` (all eps share one clock) and records when the k-th unit becomes large.
 """
 from __future__ import annotations

@@ -59,7 +59,7 @@ class Problem:
 
     @property
     def midpoints(self) -> torch.Tensor:
-        """Loss levels midway between consecutive plateaus: drop k happens when the loss crosses
+        """Loss levels midway between consecutive plateaus; drop k happens when the loss crosses
         ``(L*_{k-1} + L*_k)/2``."""
         return (self.levels[:-1] + self.levels[1:]) / 2
 

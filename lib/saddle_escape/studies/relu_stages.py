@@ -196,7 +196,7 @@ class CircleProblem:
 
 
 def balanced_init(model: TwoLayer, eps, seeds: Sequence[int]) -> torch.Tensor:
-    """``u_i = eps xi_i`` (N(0, eps^2) per entry, from :meth:`TwoLayer.init`), ``v_i = sign(xi_v,i) |u_i|``."""
+    """``u_i = eps xi_i`` (N(0, eps^2) per entry, from :meth:`~saddle_escape.sim.twolayer.TwoLayer.init`), ``v_i = sign(xi_v,i) |u_i|``."""
     theta = model.init(eps, seeds)
     V, U = model.unflatten(theta)
     return model.flatten(torch.sign(V) * U.norm(dim=-1, keepdim=True), U)

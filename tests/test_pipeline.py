@@ -63,7 +63,7 @@ def test_rerun_command_quotes_values():
 def test_results_json_schema(shared):
     results = json.loads(shared.results_json.read_text())
     assert set(results) == {"chapter", "parameters", "environment", "wall_time_s", "claims",
-                            "figures", "glued"}
+                            "families", "figures", "glued"}
     assert results["chapter"] == "99_fixture"
     assert {"python", "torch", "numpy", "git_commit", "device", "dtype"} <= set(results["environment"])
     assert isinstance(results["wall_time_s"], float)

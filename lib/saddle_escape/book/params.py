@@ -42,18 +42,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
+def _range_text(kind: str, lo, hi, unbounded: str) -> str:
+    """What a range check allows, in words: "must be a number in [0, 1]", "must be an integer >= 1"."""
+    if lo is not None and hi is not None:
+        return f"must be {kind} in [{lo}, {hi}]"
+    if lo is not None:
+        return f"must be {kind} >= {lo}"
+    if hi is not None:
+        return f"must be {kind} <= {hi}"
+    return f"must be {unbounded}"
+
+
 def check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
     """A finite real number in the closed interval [lo, hi] (either end may be open-ended)."""
     ok = _is_number(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
-    if lo is not None and hi is not None:
-        allowed = f"must be a number in [{lo}, {hi}]"
-    elif lo is not None:
-        allowed = f"must be a number >= {lo}"
-    elif hi is not None:
-        allowed = f"must be a number <= {hi}"
-    else:
-        allowed = "must be a finite number"
-    require(ok, name, value, allowed)
+    require(ok, name, value, _range_text("a number", lo, hi, "a finite number"))
     return float(value)
 
 
@@ -72,15 +75,7 @@ def check_nonnegative(name: str, value: Any) -> float:
 def check_int_range(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
     """An integer (not a bool) in the closed range [lo, hi]."""
     ok = _is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
-    if lo is not None and hi is not None:
-        allowed = f"must be an integer in [{lo}, {hi}]"
-    elif lo is not None:
-        allowed = f"must be an integer >= {lo}"
-    elif hi is not None:
-        allowed = f"must be an integer <= {hi}"
-    else:
-        allowed = "must be an integer"
-    require(ok, name, value, allowed)
+    require(ok, name, value, _range_text("an integer", lo, hi, "an integer"))
     return int(value)
 
 

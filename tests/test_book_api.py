@@ -286,3 +286,17 @@ def test_try_it_commands_are_accepted(source, command, tmp_path, monkeypatch):
     exec(params, namespace)
     namespace.update(overrides, profile="quick", results_dir="results", figures_dir="figures")
     exec(setup, namespace)  # raises ParameterError for a value the chapter refuses
+
+
+@pytest.mark.parametrize("tex, plain", [
+    (r"slopes of $t_k$ in $\ln(1/\varepsilon)$", "slopes of t_k in ln(1/ε)"),
+    (r"$-s_{k+1}$", "−s_(k+1)"),             # grouping kept: not s_k + 1
+    (r"$\tfrac12\sum_{j>k}s_j^2$", "½Σ_(j>k)s_j²"),
+    (r"$\|(I-P)\theta\|$", "‖(I−P)θ‖"),
+    (r"$-\lambda_{\min}(K)$", "−λ_min(K)"),
+    (r"$0, 1, \dots, K$ and $u^\top x$", "0, 1, …, K and uᵀ x"),
+])
+def test_family_descriptions_in_plain_text(tex, plain):
+    """The glue:text form of a family description spells its math out readably (issue 17)."""
+    from saddle_escape.book.chapter import tex_to_text
+    assert tex_to_text(tex) == plain

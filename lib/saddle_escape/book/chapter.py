@@ -206,13 +206,26 @@ def family_sentence(claims: list[dict], description: str | None = None, *,
     return sentence
 
 
-# TeX spelled out for plain text, longest names first (\left before \le, \geq before \ge)
+# TeX spelled out for plain text, longest names first (\left before \le, \geq before \ge,
+# \cdots before \cdot, \top before \to, \varphi before \phi)
 _TEX = [("\\left", ""), ("\\right", ""), ("\\varepsilon", "ε"), ("\\epsilon", "ε"),
-        ("\\sigma", "σ"), ("\\Delta", "Δ"), ("\\tau", "τ"), ("\\beta", "β"), ("\\lambda", "λ"),
+        ("\\sigma", "σ"), ("\\Sigma", "Σ"), ("\\Delta", "Δ"), ("\\tau", "τ"), ("\\beta", "β"),
+        ("\\lambda", "λ"), ("\\alpha", "α"), ("\\gamma", "γ"), ("\\delta", "δ"), ("\\kappa", "κ"),
+        ("\\theta", "θ"), ("\\varphi", "φ"), ("\\phi", "φ"), ("\\psi", "ψ"), ("\\rho", "ρ"),
+        ("\\eta", "η"), ("\\xi", "ξ"), ("\\mu", "μ"), ("\\sum", "Σ"), ("\\mathbb", ""),
+        ("\\ldots", "…"), ("\\cdots", "…"),
+        ("\\dots", "…"), ("\\|", "‖"), ("\\tfrac12", "½"), ("\\frac12", "½"), ("\\sqrt", "√"),
         ("\\star", "⋆"), ("\\infty", "∞"), ("\\leq", "≤"), ("\\geq", "≥"), ("\\le", "≤"),
         ("\\ge", "≥"), ("\\times", "×"), ("\\cdot", "·"), ("\\pm", "±"), ("\\propto", "∝"),
-        ("\\to", "→"), ("\\mathrm", ""), ("\\rm", ""), ("\\,", " "), ("\\;", " "), ("\\!", ""),
-        ("^{-1}", "⁻¹"), ("^{2}", "²"), ("^2", "²")]
+        ("^\\top", "ᵀ"), ("\\top", "ᵀ"), ("\\to", "→"), ("\\mathrm", ""), ("\\rm", ""), ("\\,", " "), ("\\;", " "),
+        ("\\!", ""), ("^{-1}", "⁻¹"), ("^{2}", "²"), ("^2", "²")]
+
+
+def _group(m: re.Match) -> str:
+    """``s_{k+1}`` → ``s_(k+1)``: a sub- or superscript of several terms keeps its grouping
+    in plain text (``s_k+1`` would read as s_k + 1); a single symbol or number loses the braces."""
+    body = m.group(2)
+    return m.group(1) + (f"({body})" if re.search(r"[-+,/ <>=]", body.lstrip("-")) else body)
 
 
 def tex_to_text(text: str | None) -> str | None:
@@ -221,9 +234,11 @@ def tex_to_text(text: str | None) -> str | None:
         return None
 
     def plain(m: re.Match) -> str:
-        t = m.group(1)
+        t = re.sub(r"\\(ln|log|exp|min|max)(?![A-Za-z])\s*", lambda f: f.group(1) + (
+            " " if f.end() < len(f.string) and f.string[f.end()] not in "({[_^}" else ""), m.group(1))
         for tex, char in _TEX:
             t = t.replace(tex, char)
+        t = re.sub(r"([_^])\{([^{}]*)\}", _group, t)
         t = re.sub(r"[{}]", "", t).replace("-", "−")
         return re.sub(r"\s+", " ", t).strip()
     return re.sub(r"\$([^$]+)\$", plain, text)

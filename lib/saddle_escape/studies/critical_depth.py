@@ -308,3 +308,23 @@ def depth_limit(sweeps: list[Sweep], eps_max: float = DEPTH_EPS_MAX) -> list[dic
                     "predicted": base.rate / s.rate, "n_points": n,
                     "window": (float(s.eps[ok].min()), float(s.eps[ok].max()))})
     return out
+
+
+def prefactor_ratio(s: Sweep, m: dict) -> float | None:
+    """The leading term over its derived value (1 when the derived rate ``a`` is right): for r = 2
+    the log-law slope times ``a`` (``m`` from :func:`measure`), for r >= 3
+    ``t_esc a (r - 2) eps^(r-2)`` at the smallest eps; None for r = 1 (no divergent term)."""
+    if s.r == 2:
+        return float(m["logslope_loss"] * s.rate)
+    if s.r >= 3:
+        i = np.argmin(s.eps)
+        return float(s.times[i, 0] * s.rate * (s.r - 2) * s.eps[i] ** (s.r - 2))
+    return None
+
+
+def log_correction_fit(s: Sweep):
+    """The residual ``R = t_esc - eps^-2 / (2a)`` (the r = 4 leading term subtracted) and its fit
+    ``R = intercept + B log(1/eps)`` (:func:`~saddle_escape.sim.fits.log_law`): ``(R, fit)``."""
+    R = s.times[:, 0] - s.eps ** -2 / (2 * s.rate)
+    return R, fits.log_law(s.eps, R)
+

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..sim.data import Dataset
@@ -208,3 +209,33 @@ def conservation_bound(n_steps: int, n_params: int, rtol: float, atol: float, th
     ``Delta_l`` then moves by at most ``2 ||theta|| ||e||`` per step. Summed over the steps and
     divided by ``||theta||^2``: ``2 n_steps sqrt(P) (rtol + atol / ||theta||_min)``."""
     return 2 * n_steps * math.sqrt(n_params) * (rtol + atol / math.sqrt(theta_sq_min))
+
+
+def imbalance_drift(result: dict, what: str = "delta") -> float:
+    """Largest drift of the imbalances along a :func:`simulate` result, relative to ``max ||theta||^2``.
+
+    ``what``: ``"delta"`` the traces ``Delta_l``; ``"matrix"`` every entry of ``M_l``;
+    ``"diagonal"`` / ``"offdiagonal"`` the per-neuron balances on / the entries off the diagonal.
+    Relative to the largest squared norm, so a drift that merely follows the weights' growth does
+    not count, and the number compares with :func:`conservation_bound`."""
+    scale = result["theta_sq"].max()
+    if what == "delta":
+        return float(abs(result["delta"] - result["delta"][0]).max() / scale)
+    diffs = [M - M[0] for M in result["matrices"]]
+    if what == "matrix":
+        return float(max(abs(d).max() for d in diffs) / scale)
+    if what == "diagonal":
+        return float(max(abs(d.diagonal(axis1=-2, axis2=-1)).max() for d in diffs) / scale)
+    if what == "offdiagonal":
+        return float(max(abs(d - d.diagonal(axis1=-2, axis2=-1)[..., None] * np.eye(d.shape[-1])).max()
+                         for d in diffs) / scale)
+    raise ValueError(f"unknown drift {what!r}: delta, matrix, diagonal or offdiagonal")
+
+
+def gd_drift_budget(result: dict, step_size: float) -> float:
+    """The O(eta) budget of gradient descent for a quadratic invariant, relative to ``max ||theta||^2``.
+
+    One GD step changes ``Delta_l`` by exactly ``eta^2 (||G_{l+1}||^2 - ||G_l||^2)``; summed with
+    ``eta sum ||grad L||^2 ~ L(0) - L(T)`` that is at most about ``eta (L(0) - L(T))``; a factor 2
+    allows for the O(eta) corrections."""
+    return float(2 * step_size * (result["loss"][0] - result["loss"][-1]) / result["theta_sq"].max())

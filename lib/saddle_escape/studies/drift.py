@@ -38,14 +38,15 @@ def term_scale(net: MLP, data: Dataset, loss: str, theta: torch.Tensor) -> torch
     return dots[..., 1:] + dots[..., :-1]
 
 
-def identity_check(net: MLP, data: Dataset, loss: str, theta: torch.Tensor) -> dict:
+def identity_check(net: MLP, data: Dataset, loss: str, theta: torch.Tensor, phi=None) -> dict:
     """Both sides of Theorem 1 and their relative error, each (B, L-1).
 
     ``rel_error = |lhs - rhs| / max(|lhs|, |rhs|, term_scale)``; where everything is exactly
-    zero the error is reported as 0.
+    zero the error is reported as 0. ``phi`` replaces the network's Euler defect on the right
+    side (the tests feed a wrong one to see the check fail).
     """
     lhs = rate_autograd(net, data, loss, theta)
-    rhs = rate_identity(net, data, loss, theta)
+    rhs = rate_identity(net, data, loss, theta, phi=phi)
     scale = torch.maximum(torch.maximum(lhs.abs(), rhs.abs()), term_scale(net, data, loss, theta))
     err = (lhs - rhs).abs() / scale.clamp_min(torch.finfo(scale.dtype).tiny)
     return {"lhs": lhs, "rhs": rhs, "scale": scale, "rel_error": err}
@@ -84,15 +85,16 @@ def drift_exponents(activation, depth: int) -> list[int]:
     return [depth - l + act.q * l for l in range(1, depth)]
 
 
-def augmented_flow(net: MLP, data: Dataset, loss: str = "mse") -> ODETerm:
+def augmented_flow(net: MLP, data: Dataset, loss: str = "mse", phi=None) -> ODETerm:
     """ODE for the state ``(theta, I)`` (B, P + L - 1): ``dtheta/dt = -grad L``,
-    ``dI/dt = rate_identity(theta)``. Start it with ``I = 0``.
+    ``dI/dt = rate_identity(theta)``. Start it with ``I = 0``. ``phi``: the Euler defect in the
+    right side (default the network's own; the tests feed a wrong one).
 
     One forward and one backward pass per evaluation give both ``grad L`` and the backprop
     signals ``delta_{l+1}`` that the right side of Theorem 1 needs."""
     ell = get_loss(loss)
     P = net.n_params
-    phi = net.activation.phi
+    phi = net.activation.phi if phi is None else phi
 
     def f(t, y):
         with torch.enable_grad():
@@ -161,14 +163,15 @@ def identity_sweep(activation_names, losses, depths, width: int, data: Dataset,
 
 def trajectory_check(activation, depth: int, width: int, data: Dataset, loss: str = "mse",
                      init_scale: float = 0.5, t_max: float = 40.0, rtol: float = 1e-9,
-                     atol: float = 1e-12, n_save: int = 101, seed: int = 0) -> dict:
+                     atol: float = 1e-12, n_save: int = 101, seed: int = 0, phi=None) -> dict:
     """Integrate the augmented flow from He-normal weights times ``init_scale`` (all layers).
 
     Returns the save times, ``Delta_l(t) - Delta_l(0)`` and ``I_l(t)`` (T, L-1), the loss (T,),
     the number of steps and the relative discrepancy
     ``max |Delta(t) - Delta(0) - I(t)| / scale``, where ``scale`` is the largest change of any
     squared layer norm ``||W_l||^2`` along the run (the quantities whose difference is Delta;
-    this stays meaningful when Delta is conserved, as for linear and ReLU nets).
+    this stays meaningful when Delta is conserved, as for linear and ReLU nets). ``phi`` replaces
+    the Euler defect in the integrated right side (see :func:`augmented_flow`).
     """
     net = MLP.build(data.input_dim, width, depth, activation, output_dim=data.output_dim)
     theta0 = he_normal(net, [seed], eps=init_scale, bottleneck=range(1, depth + 1))
@@ -181,7 +184,7 @@ def trajectory_check(activation, depth: int, width: int, data: Dataset, loss: st
         return torch.cat([observe(y), loss_fn(theta)[:, None], layer_norms(net, theta) ** 2], dim=-1)
 
     ts = torch.linspace(0.0, float(t_max), n_save, dtype=theta0.dtype)
-    sol = solve(augmented_flow(net, data, loss), y0, float(t_max),
+    sol = solve(augmented_flow(net, data, loss, phi), y0, float(t_max),
                 controller=PIController(rtol=rtol, atol=atol), saveat=SaveAt(ts, fn=observables))
     ys = sol.ys[0]
     L1 = depth - 1

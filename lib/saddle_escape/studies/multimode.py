@@ -187,11 +187,13 @@ class SaddleSpectrum:
         return float(self.mixed.max())
 
 
-def saddle_spectrum(teacher: ModeTeacher, stage: int, n_nodes: int) -> SaddleSpectrum:
-    """Linearise the gradient flow at the stage-k saddle of the block network (autograd)."""
+def saddle_spectrum(teacher: ModeTeacher, stage: int, n_nodes: int,
+                    theta: torch.Tensor | None = None) -> SaddleSpectrum:
+    """Linearise the gradient flow at the stage-k saddle of the block network (autograd), or at
+    ``theta`` (1, P) if given (the tests linearise at a point that is not the saddle)."""
     net = block_network(teacher.n_modes)
     data = mode_data(teacher, n_nodes)
-    theta = stage_saddle(teacher, stage)
+    theta = stage_saddle(teacher, stage) if theta is None else theta
     H = loss_hessian(net, data, theta)
     grad = loss_gradient(net, data, "mse", theta)
 
@@ -265,6 +267,14 @@ def perturbation_growth(teacher: ModeTeacher, stage: int, n_nodes: int, delta: f
                 controller=PIController(rtol=rtol, atol=1e-14),
                 saveat=SaveAt(ts, fn=lambda y: mixed_norm(net, stage, y)[:, None]))
     return ts.numpy(), sol.ys[0, :, 0].numpy()
+
+
+def growth_rate(ts: np.ndarray, norm: np.ndarray, t_grow: float, start: float = 0.4) -> float:
+    """Fitted exponential rate of a perturbation's norm: slope of ``log norm`` against t on
+    ``t >= start * t_grow`` (past the transient in which the kick turns into the top mode)."""
+    from ..sim import fits
+    window = ts >= start * t_grow
+    return float(fits.linear_fit(ts[window], np.log(norm[window]))[0])
 
 
 # ---------------------------------------------------------------- the staircase

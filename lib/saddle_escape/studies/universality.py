@@ -92,6 +92,22 @@ def chain_escape_times(name: str, depth: int, eps, teacher: ScalarTeacher, *, pi
                  int(sol.n_steps.max()), float(sol.seconds))
 
 
+def integration_error(sweep: Sweep, depth: int, teacher: ScalarTeacher, rtol: float,
+                      n_nodes: int = 80) -> float:
+    """Relative change of the escape time at the sweep's last (smallest) eps when it is re-run with
+    ``rtol / 10`` and the same reference: the integration error of ``t_esc`` that a deviation from
+    the master curve must dwarf to be a measurement."""
+    check = chain_escape_times(sweep.name, depth, sweep.eps[-1:], teacher, rtol=rtol / 10,
+                               n_nodes=n_nodes, reference=sweep.reference).times[0]
+    return float(abs(check / sweep.times[-1] - 1))
+
+
+def deviation(sweep: Sweep, master: Sweep, depth: int) -> np.ndarray:
+    """``|K t_sigma / t_master - 1|`` at each eps, ``K = beta1^(L-1)``: how far a rescaled curve is
+    from the master (linear) curve."""
+    return np.abs(prefactor(sweep.name, depth) * sweep.times / master.times - 1)
+
+
 def prefactor(name: str, depth: int, kind: str = "chain", width: int = 1) -> float:
     """``K^(sigma)`` for the all-layers-at-eps chain.
 

@@ -1,4 +1,4 @@
-"""Tests of the chapter-10 study module (ReLU networks on the circle): each tool on inputs with a
+"""Tests of the chapter-10 study module (ReLU networks on the sphere): each tool on inputs with a
 known answer, and a realistic wrong input that must give a different answer."""
 import math
 
@@ -11,148 +11,168 @@ from saddle_escape.sim.integrate import PIController, solve
 from saddle_escape.studies import relu_stages as rs
 
 
-def _problem(teacher=None, width=6):
-    return rs.CircleProblem(teacher or rs.default_teacher(3), width)
+@pytest.fixture(scope="module")
+def teacher3():
+    return rs.make_teacher(3)
 
 
-def test_closed_form_loss_equals_the_angle_grid():
-    p = _problem()
-    theta = p.model.init(0.7, [0, 1, 2])
-    exact = p.loss(theta)
-    grid = p.model.loss(theta, p.grid_data(7200))
-    assert torch.allclose(exact, grid, rtol=2e-6, atol=0)
-    # a wrong kernel (the cross term |u x w| dropped) is far off
-    def wrong(u, w):
-        dot = (u * w).sum(-1)
-        cross = (u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0]).abs()
-        return (math.pi - torch.atan2(cross, dot)) * dot / (4 * math.pi)
-    old = rs.kernel
+@pytest.mark.parametrize("patches", [1, 3])
+def test_closed_form_loss_equals_the_sample_average(patches):
+    p = rs.SphereProblem(rs.make_teacher(3, patches=patches), 5)
+    theta = rs.balanced_init(p.model, 0.6, [0, 1])
+    gap, se = rs.sampled_loss_gap(p, theta, 100_000, seed=1)
+    assert gap < 4 * se
+    # a wrong kernel (the sin term dropped) is many standard errors off
+    old = rs.Inputs.kernel
+
+    def wrong(self, U, W):
+        nu, nw, _, cos, sin, delta = self._parts(U, W)
+        return nu * nw * ((PI_ - delta) * cos / (2 * PI_ * self.dim * self.patches)
+                          + (1 - 1 / self.patches) * rs.relu_mean(self.dim) ** 2)
+    PI_ = math.pi
     try:
-        rs.kernel = wrong
-        assert not torch.allclose(p.loss(theta), grid, rtol=1e-3)
+        rs.Inputs.kernel = wrong
+        gap_wrong, se_wrong = rs.sampled_loss_gap(p, theta, 100_000, seed=1)
+        assert gap_wrong > 10 * se_wrong
     finally:
-        rs.kernel = old
+        rs.Inputs.kernel = old
 
 
-def test_gradient_is_finite_on_the_proportional_manifold():
-    p = _problem(width=3)
-    V = torch.tensor([[[0.5], [0.25], [-0.3]]], dtype=torch.float64)
-    U = torch.tensor([[[1.0, 0.5], [2.0, 1.0], [-0.2, 0.7]]], dtype=torch.float64)   # units 0, 1 parallel
-    theta = p.model.flatten(V, U).requires_grad_(True)
-    (g,) = torch.autograd.grad(p.loss(theta).sum(), theta)
-    assert torch.isfinite(g).all()
+def test_relu_mean_on_the_circle_and_the_sphere():
+    assert rs.relu_mean(2) == pytest.approx(1 / math.pi, rel=1e-14)
+    assert rs.relu_mean(3) == pytest.approx(0.25, rel=1e-14)
 
 
-def test_balanced_init_stays_balanced_along_the_flow():
-    p = _problem(width=5)
+@pytest.mark.parametrize("patches", [1, 2])
+def test_written_out_gradient_matches_finite_differences(patches):
+    p = rs.SphereProblem(rs.make_teacher(3, patches=patches), 4)
+    theta = p.model.init(0.5, [3])
+    neg, _ = p.neg_grad_and_loss(theta)
+    h = 1e-6
+    for i in range(theta.shape[1]):
+        e = torch.zeros_like(theta)
+        e[0, i] = h
+        fd = (p.loss(theta + e) - p.loss(theta - e)) / (2 * h)
+        assert float((fd + neg[0, i]).abs()) < 1e-9
+
+
+def test_gradient_is_finite_on_the_proportional_manifold_and_for_tiny_units():
+    p = rs.SphereProblem(rs.make_teacher(2), 3)
+    V = torch.tensor([[[0.5], [0.25], [-1e-60]]], dtype=torch.float64)
+    U = torch.tensor([[[1.0, 0.5], [2.0, 1.0], [-0.2e-60, 0.7e-60]]], dtype=torch.float64)   # units 0, 1 parallel
+    neg, L = p.neg_grad_and_loss(p.model.flatten(V, U))
+    assert torch.isfinite(neg).all() and torch.isfinite(L).all()
+
+
+def test_balanced_init_stays_balanced_along_the_flow(teacher3):
+    p = rs.SphereProblem(teacher3, 5)
     theta0 = rs.balanced_init(p.model, 0.3, [4])
     V, U = p.model.unflatten(theta0)
     assert torch.allclose(V[..., 0].abs(), U.norm(dim=-1))
-    sol = solve(p.flow(), theta0, 5.0, controller=PIController(rtol=1e-10, atol=1e-14))
+    sol = solve(p.flow(), theta0, 20.0, controller=PIController(rtol=1e-10, atol=1e-14))
     V, U = p.model.unflatten(sol.y_final)
     assert torch.allclose(V[..., 0] ** 2, U.norm(dim=-1) ** 2, atol=1e-9)
 
 
-def _two_ray_theta(model, tiny=1e-6):
-    H = model.width
-    ang = torch.tensor([0.3, 0.3001, 0.2999, 2.0, 2.0002] + [k * 0.7 for k in range(H - 5)], dtype=torch.float64)
-    r = torch.tensor([0.8, 0.5, 0.3, 0.6, 0.2] + [tiny] * (H - 5), dtype=torch.float64)
-    U = r[:, None] * torch.stack([ang.cos(), ang.sin()], -1)
-    return model.flatten((r[:, None])[None], U[None])
+def _network(p, rays_, tiny=1e-6):
+    """Units on the given rays (direction, amplitude, copies), the other units tiny."""
+    H, d = p.width, p.inputs.dim
+    U, V = [], []
+    g = torch.Generator().manual_seed(0)
+    for z, a, copies in rays_:
+        z = torch.tensor(z, dtype=torch.float64)
+        z = z / z.norm()
+        for c in range(copies):
+            r = math.sqrt(abs(a) / copies)
+            U.append(r * (z + 1e-4 * c * torch.randn(d, generator=g, dtype=torch.float64)))
+            V.append(math.copysign(r, a))
+    while len(U) < H:
+        U.append(tiny * torch.randn(d, generator=g, dtype=torch.float64))
+        V.append(tiny)
+    return p.model.flatten(torch.tensor(V)[None, :, None], torch.stack(U)[None])
 
 
-def test_rays_count_proportional_groups_relative_to_the_target():
-    model = rs.TwoLayer.build("relu", 2, 12)
-    theta = _two_ray_theta(model)
-    found = rs.rays(model, theta, scale=1.0)[0]
-    assert len(found) == 2
-    assert sorted(round(x.angle, 2) for x in found) == [0.3, 2.0]
-    assert rs.ray_count(model, theta * 1e-3, scale=1.0) == [0]          # the origin plateau: none
-    # a wrong grouping (cosine threshold loose enough to merge the two rays) counts one
-    assert len(rs.rays(model, theta, scale=1.0, cos=-0.5)[0]) == 1
+def test_rays_and_kink_lines_count_clusters_not_units(teacher3):
+    p = rs.SphereProblem(teacher3, 8)
+    two = _network(p, [((1, 0, 0), 1.0, 3), ((0, 0.5, 1), -0.7, 2)])
+    assert rs.ray_count(p, two) == [2]
+    assert rs.kink_lines(p, two) == [2]
+    # a third ray far below the threshold is not counted; one above it is
+    weak = _network(p, [((1, 0, 0), 1.0, 1), ((0, 0.5, 1), -0.7, 1), ((-1, 1, 0), 1e-3, 1)])
+    strong = _network(p, [((1, 0, 0), 1.0, 1), ((0, 0.5, 1), -0.7, 1), ((-1, 1, 0), 0.4, 1)])
+    assert rs.ray_count(p, weak) == [2] and rs.kink_lines(p, weak) == [2]
+    assert rs.ray_count(p, strong) == [3] and rs.kink_lines(p, strong) == [3]
 
 
-def test_kink_lines_one_per_ray():
-    model = rs.TwoLayer.build("relu", 2, 12)
-    theta = _two_ray_theta(model)
-    assert rs.kink_lines(model, theta, scale=1.0) == [2]
-    assert rs.kink_lines(model, theta * 1e-3, scale=1.0) == [0]
-    # one threshold with the rays: the weak ray (amplitude 0.4, size 0.2) drops out of both at scale 5
-    assert rs.ray_count(model, theta, scale=5.0) == [1] and rs.kink_lines(model, theta, scale=5.0) == [1]
-    # the raw full-circle count is twice that (antipodal pairs)
-    from saddle_escape.sim import counts
-    _, x = counts.circle_inputs(7200)
-    assert int(counts.kinks(model.forward(theta, x)[..., 0])[0]) == 4
+def test_plateau_rule_finds_the_interior_minima_only_after_the_loss_fell():
+    g = np.array([0.001, 0.0005, 0.002, 1.0, 0.003, 0.002, 0.5, 0.001, 0.0009])
+    L = np.array([1.0, 1.0, 1.0, 0.6, 0.3, 0.3, 0.2, 0.1, 0.1])
+    assert rs.plateau_indices(g, L) == [0, 5, 8]      # index 1: a minimum, but on the origin plateau
 
 
-def test_plateau_rule_finds_deep_minima_only():
-    t = np.linspace(0, 10, 1001)
-    g = 1e-6 + np.exp(-((t - 2) ** 2) * 8) + 0.8 * np.exp(-((t - 6) ** 2) * 8) + 0.3 * np.exp(-((t - 7) ** 2) * 50)
-    idx = rs.plateau_indices(g)
-    assert idx[0] == 0 and idx[-1] == len(g) - 1
-    assert len(idx) == 3 and abs(t[idx[1]] - 4.0) < 0.2      # the shallow dip between 6 and 7 is not one
+def test_narrow_fixed_point_from_the_teacher_rays_is_the_teacher(teacher3):
+    rays_ = [rs.Ray(w, a, 1) for w, a in zip(teacher3.directions, teacher3.amplitudes)]
+    loss, found = rs.narrow_fixed_point(teacher3, rays_)
+    assert loss < 1e-12 * teacher3.energy() and len(found) == 3
+    # one ray started off the teacher converges to a fixed point of one unit, with a loss well above 0
+    loss1, found1 = rs.narrow_fixed_point(teacher3, [rs.Ray((0.9, 0.3, 0.1), 0.8, 1)])
+    p = rs.SphereProblem(teacher3, 1)
+    assert loss1 > 0.1 * 0.5 * teacher3.energy()
+    assert len(found1) == 1
 
 
-def test_strongest_direction_of_one_unit_teacher():
-    teacher = rs.Teacher((0.7,), (2.0,))
-    theta, g = teacher.strongest_direction()
-    assert abs(theta - 0.7) < 1e-8 and abs(g - 0.5) < 1e-12          # G* = a E[relu^2] = a / 4
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_default_teachers_have_one_basin_per_unit(k):
+    rs.check_teacher(rs.make_teacher(k))
 
 
-def test_narrow_fixed_point_and_best_loss():
-    teacher = rs.Teacher((0.0, 2.3), (1.0, 0.5))
-    L2, found = rs.narrow_fixed_point(teacher, [rs.Ray(0.1, 0.8, 1), rs.Ray(2.2, 0.4, 1)])
-    assert L2 < 1e-12 and len(found) == 2
-    L1, _ = rs.narrow_fixed_point(teacher, [rs.Ray(0.2, 1.0, 1)])
-    assert 0 < L1 < 0.5 * teacher.energy()
-    assert rs.best_loss(teacher, 1, n_starts=8) <= L1 + 1e-10
+def test_teachers_whose_basins_merge_are_refused():
+    with pytest.raises(ParameterError, match="own basin"):
+        rs.check_teacher(rs.make_teacher([[[1, 0, 0], 1.0], [[0, 1, 0], 0.8]]))
 
 
-def test_predicted_first_escape_matches_the_flow():
-    teacher = rs.Teacher((0.4, 2.6), (1.0, 0.5))
-    p = rs.CircleProblem(teacher, 4)
-    unit = rs.balanced_init(p.model, 1.0, [3])[0]
-    eps = 1e-3
-    pred = rs.predicted_escape_time(teacher, unit, p.model, eps)
-    L0 = 0.5 * teacher.energy()
-    from saddle_escape.sim.integrate import Event
-    ev = Event(lambda t, y, runs: p.loss(y) - 0.99 * L0, direction=-1)
-    sol = solve(p.flow(), eps * unit[None], 4 * pred["time"], events=[ev],
-                controller=PIController(rtol=1e-9, atol=1e-14))
-    t_meas = float(sol.event_times[0, 0])
-    assert abs(t_meas / pred["time"] - 1) < 0.01
-    # the direction of the leading unit at that moment is the early flow's
-    V, U = p.model.unflatten(sol.event_states[0])
-    lead = int(torch.argmax(V[0, :, 0] * U[0].norm(dim=-1)))
-    measured = math.atan2(float(U[0, lead, 1]), float(U[0, lead, 0])) % (2 * math.pi)
-    assert abs(measured - pred["angle"]) < 1e-3
-    # and as eps -> 0 the early flow's direction tends to the maximum of the correlation G
-    theta_star, g_star = teacher.strongest_direction()
-    assert abs(rs.predicted_escape_time(teacher, unit, p.model, 1e-12)["angle"] - theta_star) < 1e-3
-    assert abs(pred["angle"] - theta_star) > 1e-2          # ... which eps = 1e-3 has not reached
-    # a wrong derivation (the norms growing at G, not the loss drop at 2G) misses by far
-    wrong = math.log(0.01 * L0 / (eps * g_star)) / g_star
-    assert abs(t_meas / wrong - 1) > 0.05
-
-
-@pytest.mark.parametrize("bad", [0, 7, True, [[0, 1.0], [10, 0.5]], [[0, -1.0]], [[0, 1.0], [180, 0.5]], "x"])
-def test_make_teacher_refuses(bad):
+@pytest.mark.parametrize("bad", [0, 5, True, "3", [[[1, 0], 0.0]], [[[1, 0], 1.0], [[2, 0], 0.5]],
+                                 [[[1, 0], 1.0], [[0, 1], 0.5], [[1, 1], 0.2]]])
+def test_bad_teachers_are_refused(bad):
     with pytest.raises(ParameterError, match="teacher_units"):
         rs.make_teacher(bad)
 
 
-def test_make_teacher_accepts():
-    assert rs.make_teacher(3).size == 3
-    t = rs.make_teacher([[0, 1.0], [130, 0.4]])
-    assert t.size == 2 and abs(t.angles[1] - math.radians(130)) < 1e-12
+def test_more_units_than_dimensions_is_refused():
+    with pytest.raises(ParameterError, match="input_dim"):
+        rs.make_teacher(3, input_dim=2)
 
 
-def test_kinks_of_one_spread_ray_merge_like_its_units():
-    model = rs.TwoLayer.build("relu", 2, 3)
-    ang = torch.tensor([1.0, 1.05, 1.1], dtype=torch.float64)          # one ray, units 3 degrees apart
-    U = torch.stack([ang.cos(), ang.sin()], -1)
-    theta = model.flatten(torch.ones(1, 3, 1, dtype=torch.float64), U[None])
-    assert rs.ray_count(model, theta, scale=1.0) == [1]
-    assert rs.kink_lines(model, theta, scale=0.5) == [1]
-    # without the angular tolerance the three units' kinks are three lines
-    assert rs.kink_lines(model, theta, scale=0.5, cos=0.99999) == [3]
+@pytest.fixture(scope="module")
+def run3(teacher3):
+    p = rs.SphereProblem(teacher3, 10)
+    good = [s for s, m in zip(range(4), rs.unpopulated_basins(teacher3, rs.balanced_init(p.model, 1.0, range(4)), p.model))
+            if not m][:1]
+    return rs.simulate(p, [1e-9], good, t_max=3000, rtol=1e-6)
+
+
+def test_first_escape_prediction_holds_and_a_naive_one_fails(run3, teacher3):
+    check = rs.first_escape_check(run3, 0)
+    assert abs(check["measured"] - check["predicted"]) / check["measured"] < 5e-3
+    assert check["angle_deg"] < 0.5
+    # naive: the strongest teacher unit's own rate, from the largest initial unit
+    g1 = float(teacher3.correlation(torch.tensor(teacher3.directions[0])))
+    naive = math.log(1 / 1e-9) / g1
+    assert abs(naive - check["measured"]) / check["measured"] > 5e-3
+    # and the first ray does not leave along the teacher's first direction
+    z = np.asarray(rs.basins(teacher3)[0])
+    assert math.degrees(math.acos(z @ np.asarray(teacher3.directions[0]))) > 5
+
+
+def test_staircase_and_plateau_checks_pass_and_fail(run3, teacher3):
+    (summary,) = rs.summarise(run3)
+    assert rs.staircase_ok(summary, 3)
+    gaps = rs.plateau_gaps(teacher3, summary)
+    assert [g["k"] for g in gaps] == [1, 2] and max(g["rel"] for g in gaps) < 1e-3
+    # a skipped stage fails the staircase; a plateau loss 1% off fails the fixed-point check
+    merged = rs.RunSummary(summary.eps, summary.seed, [], [summary.stages[0], summary.stages[1], summary.stages[3]], True)
+    assert not rs.staircase_ok(merged, 3)
+    stage = summary.stages[1]
+    off = rs.RunSummary(summary.eps, summary.seed, [], [summary.stages[0],
+                        rs.Stage(stage.time, 1.01 * stage.loss, stage.rays, stage.kinks)] + summary.stages[2:], True)
+    assert rs.plateau_gaps(teacher3, off)[0]["rel"] > 1e-3

@@ -1,37 +1,42 @@
-"""ReLU networks on the circle: rays, kinks and the early alignment flow (chapter 10, work in progress).
+"""ReLU networks on the sphere: rays, kinks and the early alignment flow (chapter 10).
 
-Setup: inputs ``x = (cos phi, sin phi)`` uniform on the unit circle, a bias-free ReLU network
-``f(x) = sum_i v_i relu(u_i . x)`` (:class:`~saddle_escape.sim.twolayer.TwoLayer` with unit
-``"relu"``), and a teacher ``y(x) = sum_k a_k relu(w_k . x)`` of a few ReLU units.
+Setup: a bias-free ReLU network ``f(x) = sum_i v_i relu(u_i . x)`` (:class:`~saddle_escape.sim.twolayer.TwoLayer`
+with unit ``"relu"``) and a teacher ``y(x) = sum_k a_k relu(w_k . x)`` of a few ReLU units, with
+inputs uniform on the sphere S^{d-1} (d = 2: the circle). The convolutional variant reads ``P``
+independent patches, each uniform on S^{d-1}, with one kernel ``u_i`` shared by the patches and
+the patch outputs averaged: ``g_u(x) = (1/P) sum_p relu(u . x_p)`` (P = 1 is the fully connected net).
 
-Population loss in closed form. For two vectors ``u, w`` of the plane at angle ``delta``::
+Population loss in closed form. For ``u, w`` at angle ``delta``::
 
-    E_phi[relu(u.x) relu(w.x)] = ((pi - delta) u.w + |u x w|) / (4 pi)
+    E[relu(u.x) relu(w.x)] = (|u||w| sin delta + (pi - delta) u.w) / (2 pi d)
 
-(the degree-1 arc-cosine kernel on the circle), so ``1/2 E (y - f)^2`` is a quadratic form in the
-``v``'s and the teacher amplitudes with these kernel entries: exact, sample-free, and smooth enough
-for the adaptive integrator (the kernel is C^2 in the angle). :func:`kernel` writes the angle as
-``atan2(|u x w|, u.w)``, whose gradient stays finite when two units are parallel -- the invariant
-manifold of proportional units, where an ``acos`` form would give 0/0. :meth:`CircleProblem.grid_data`
-gives the same expectation as a uniform angle grid, for checking the closed form and for counting kinks.
+(the degree-1 arc-cosine kernel, divided by ``d`` because ``E|x|^2 = 1`` on the sphere instead of
+``d`` for a Gaussian), and ``E relu(u.x) = c_d |u|`` with ``c_d = Gamma(d/2) / (2 sqrt(pi) Gamma((d+1)/2))``.
+Independent patches add ``(1 - 1/P) c_d^2 |u||w|``. The loss ``1/2 E (y - f)^2`` is a quadratic
+form in the ``v``'s with these entries: exact and sample-free. Its gradient is written out
+(:meth:`SphereProblem.neg_grad_and_loss`): ``grad_u E[relu(u.x) relu(w.x)] = ((pi - delta) w + |w| sin(delta) u/|u|) / (2 pi d)``
+is finite when two units are parallel -- the invariant manifold of proportional units, where
+autograd through ``acos`` or a square root gives 0/0.
 
 Initialisation. Drawing ``v_i`` and ``u_i`` independently, N(0, eps^2) per entry, makes every unit with
 ``v_i < 0`` and ``v_i^2 > |u_i|^2`` run into ``u_i = 0`` in finite time (``d|u_i|/dt = v_i G`` with the
-correlation ``G > 0``), where the ReLU network is not differentiable and the flow is not defined;
-an explicit integrator stalls there. :func:`balanced_init` keeps ``u_i = eps xi_i`` (N(0, eps^2) per
-entry) and sets ``v_i = sign(xi_v,i) |u_i|``: the conserved imbalance ``v_i^2 - |u_i|^2`` is then 0, so
-every unit stays balanced, ``v_i = +-|u_i|``, for all time (the early alignment setting of Maennel et
-al. 2018 and Boursier et al. 2022).
+correlation ``G > 0``), where the ReLU network is not differentiable and the flow is not defined.
+:func:`balanced_init` keeps ``u_i = eps xi_i`` (N(0, eps^2) per entry) and sets
+``v_i = sign(xi_v,i) |u_i|``: the conserved imbalance ``v_i^2 - |u_i|^2`` is then 0, so every unit
+stays balanced, ``v_i = +-|u_i|``, for all time (the early alignment setting of Maennel et al. 2018
+and Boursier et al. 2022).
 
-Early alignment flow. While ``f`` is negligible, a balanced unit at angle ``theta_i`` with sign
-``s_i`` obeys ``d theta_i/dt = s_i G'(theta_i)`` and ``d ln|u_i|/dt = s_i G(theta_i)``, with the
-initial correlation ``G(theta) = E[y relu(cos(phi - theta))] = sum_k a_k k(theta - alpha_k)``: the
-angles move on an eps-independent clock and the norms grow at the rate ``G`` of the direction they
-sit in. :func:`early_flow` integrates it; :func:`predicted_escape_time` turns it into the time at
-which the loss has fallen by a fraction ``q`` of its initial value.
+Early alignment flow. While ``f`` is negligible, a balanced unit ``u = r z`` (``|z| = 1``) with sign
+``s`` obeys ``dz/dt = s (I - z z^T) grad G(z)`` and ``d ln r/dt = s G(z)``, with the initial
+correlation ``G(z) = E[y g_z] = sum_k a_k K(z, w_k)``: directions move on an eps-independent clock
+to the local maxima of ``s G`` and the norms grow at the rate ``s G`` of the direction they sit in.
+Each local maximum collects a cluster of units that grows as one ray: a stage of its own only if
+every teacher unit has such a basin (:func:`basins`), which :func:`check_teacher` asks of a
+teacher before anything runs.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -39,157 +44,206 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..sim import counts
-from ..sim.data import DTYPE, Dataset
+from ..sim.data import DTYPE
 from ..sim.errors import ParameterError
-from ..sim.integrate import GradientFlow, ODETerm, PIController, SaveAt, solve
+from ..sim.integrate import Event, GradientFlow, ODETerm, PIController, SaveAt, solve
 from ..sim.twolayer import TwoLayer
 
 PI = math.pi
-E_RELU_SQ = 0.25          # E[relu(cos phi)^2] on the circle: the kernel at delta = 0
 
 
-# ------------------------------------------------------------------ the kernel
-
-def kernel(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``E_phi[relu(u.x) relu(w.x)]`` for plane vectors ``u, w`` (broadcast over leading axes)."""
-    dot = (u * w).sum(-1)
-    cross = (u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0]).abs()
-    return ((PI - torch.atan2(cross, dot)) * dot + cross) / (4 * PI)
+def relu_mean(d: int) -> float:
+    """``c_d = E relu(x_1)`` for ``x`` uniform on S^{d-1} (1/pi on the circle, 1/4 on S^2)."""
+    return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / (2 * math.sqrt(PI))
 
 
-def kernel_of_angle(delta: np.ndarray) -> np.ndarray:
-    """The kernel of two unit vectors at angle ``delta`` (any real; wrapped to [0, pi])."""
-    d = np.abs((np.asarray(delta, dtype=float) + PI) % (2 * PI) - PI)
-    return ((PI - d) * np.cos(d) + np.sin(d)) / (4 * PI)
+# ------------------------------------------------------------------ the inputs and their kernel
 
+@dataclass(frozen=True)
+class Inputs:
+    """``patches`` independent patches, each uniform on the sphere S^{dim-1}."""
 
-def kernel_of_angle_derivative(delta: np.ndarray) -> np.ndarray:
-    """``d k / d delta`` of :func:`kernel_of_angle`: ``-(pi - |delta|) sin(delta) / (4 pi)``."""
-    d = (np.asarray(delta, dtype=float) + PI) % (2 * PI) - PI
-    return -(PI - np.abs(d)) * np.sin(d) / (4 * PI)
+    dim: int
+    patches: int = 1
+
+    def _parts(self, U, W):
+        """Norms, unit vectors, and the angle's cosine and sine, from unit vectors (no products
+        of norms that could underflow for units that have shrunk by hundreds of decades)."""
+        nu = U.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        nw = W.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        zu, zw = U / nu, W / nw
+        cos = (zu * zw).sum(-1)
+        sin = (zu - cos[..., None] * zw).norm(dim=-1)       # accurate also near delta = 0
+        return nu[..., 0], nw[..., 0], zu, cos, sin, torch.atan2(sin, cos)
+
+    def kernel(self, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``E[g_u(x) g_w(x)]`` for ``U, W (..., d)`` (broadcast)."""
+        nu, nw, _, cos, sin, delta = self._parts(U, W)
+        P = self.patches
+        return nu * nw * ((sin + (PI - delta) * cos) / (2 * PI * self.dim * P) + (1 - 1 / P) * relu_mean(self.dim) ** 2)
+
+    def kernel_grad(self, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``grad_u E[g_u(x) g_w(x)]`` (..., d): ``((pi - delta) w + |w| sin(delta) u/|u|) / (2 pi d P)``
+        plus the patches' ``(1 - 1/P) c_d^2 |w| u/|u|``."""
+        U, W = torch.broadcast_tensors(U, W)
+        nu, nw, zu, cos, sin, delta = self._parts(U, W)
+        P = self.patches
+        radial = nw * (sin / (2 * PI * self.dim * P) + (1 - 1 / P) * relu_mean(self.dim) ** 2)
+        return ((PI - delta) / (2 * PI * self.dim * P))[..., None] * W + radial[..., None] * zu
+
+    def unit_energy(self) -> float:
+        """``E g_z^2`` of a unit-norm kernel ``z``: what one ray of amplitude 1 puts out."""
+        return 1 / (2 * self.dim * self.patches) + (1 - 1 / self.patches) * relu_mean(self.dim) ** 2
 
 
 # ------------------------------------------------------------------ the teacher
 
 @dataclass(frozen=True)
 class Teacher:
-    """``y(x) = sum_k a_k relu(w_k . x)`` with ``w_k = (cos alpha_k, sin alpha_k)``."""
+    """``y = sum_k a_k g_{w_k}`` with unit vectors ``w_k`` (``directions``) and ``a_k`` (``amplitudes``)."""
 
-    angles: tuple          # radians
+    directions: tuple          # K tuples of d numbers, unit norm
     amplitudes: tuple
+    inputs: Inputs
 
     @property
     def size(self) -> int:
-        return len(self.angles)
+        return len(self.amplitudes)
 
-    def directions(self, dtype=DTYPE) -> torch.Tensor:
-        a = torch.as_tensor(self.angles, dtype=dtype)
-        return torch.stack([a.cos(), a.sin()], dim=-1)
+    def W(self, dtype=DTYPE) -> torch.Tensor:
+        return torch.tensor(self.directions, dtype=dtype)
+
+    def a(self, dtype=DTYPE) -> torch.Tensor:
+        return torch.tensor(self.amplitudes, dtype=dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.as_tensor(self.amplitudes, dtype=x.dtype)
-        return (a * torch.relu(x @ self.directions(x.dtype).T)).sum(-1, keepdim=True)
+        """The teacher on single-patch inputs ``x (n, d)``: (n, 1)."""
+        return (self.a(x.dtype) * torch.relu(x @ self.W(x.dtype).T)).sum(-1, keepdim=True)
 
     def energy(self) -> float:
         """``E[y^2]``."""
-        W, a = self.directions(), torch.as_tensor(self.amplitudes, dtype=DTYPE)
-        return float((a[:, None] * a[None, :] * kernel(W[:, None], W[None, :])).sum())
+        W, a = self.W(), self.a()
+        return float(a @ self.inputs.kernel(W[:, None], W[None, :]) @ a)
 
-    def correlation(self, theta) -> np.ndarray:
-        """``G(theta) = E[y relu(cos(phi - theta))]``, the initial correlation of a unit at angle theta."""
-        theta = np.asarray(theta, dtype=float)[..., None]
-        return (np.asarray(self.amplitudes) * kernel_of_angle(theta - np.asarray(self.angles))).sum(-1)
+    def correlation(self, Z: torch.Tensor) -> torch.Tensor:
+        """``G(z) = E[y g_z]`` for directions ``Z (..., d)``."""
+        return (self.inputs.kernel(Z[..., None, :], self.W(Z.dtype)) * self.a(Z.dtype)).sum(-1)
 
-    def correlation_slope(self, theta) -> np.ndarray:
-        """``G'(theta)``."""
-        theta = np.asarray(theta, dtype=float)[..., None]
-        return (np.asarray(self.amplitudes) * kernel_of_angle_derivative(theta - np.asarray(self.angles))).sum(-1)
-
-    def strongest_direction(self, n_grid: int = 36000) -> tuple[float, float]:
-        """``(theta*, G(theta*))``: the maximum of the initial correlation over a fine angle grid,
-        polished by Newton steps on ``G'``."""
-        grid = np.arange(n_grid) * (2 * PI / n_grid)
-        theta = float(grid[np.argmax(self.correlation(grid))])
-        h = 1e-6
-        for _ in range(20):
-            g1 = float(self.correlation_slope(theta))
-            g2 = float(self.correlation_slope(theta + h) - self.correlation_slope(theta - h)) / (2 * h)
-            if g2 >= 0:
-                break
-            theta -= g1 / g2
-        return theta % (2 * PI), float(self.correlation(theta))
+    def correlation_grad(self, Z: torch.Tensor) -> torch.Tensor:
+        """``grad G(z)`` (..., d)."""
+        g = self.inputs.kernel_grad(Z[..., None, :], self.W(Z.dtype))
+        return (g * self.a(Z.dtype)[:, None]).sum(-2)
 
 
-def default_teacher(n_units: int) -> Teacher:
-    """``n_units`` units at angles ``k * 360 / (n + 1/2)`` degrees (distinct modulo 180 degrees, so
-    no two share a kink line) with amplitudes ``0.6^k`` (distinct rates, separated stages)."""
-    angles = tuple(math.radians(k * 360.0 / (n_units + 0.5)) for k in range(n_units))
-    return Teacher(angles, tuple(0.6 ** k for k in range(n_units)))
+def default_teacher(n_units: int, dim: int | None = None, patches: int = 1) -> Teacher:
+    """``n_units`` (1..4) units with amplitudes ``1, -0.7, 0.5, -0.35`` (alternating signs, distinct
+    rates). Directions: ``w_1 = e_1``; ``w_2`` at 75 degrees azimuth in the ``(e_1, e_2)`` plane and
+    30 degrees above it; ``w_3`` at 150 degrees azimuth in that plane; ``w_4 = -cos 30 w_2 + sin 30 e_4``
+    (150 degrees from ``w_2``). Units of one sign 150 degrees apart, and each negative unit between
+    the positive ones, give every unit its own basin of the early alignment flow (:func:`basins`;
+    :func:`check_teacher` tests it). Two units: ``e_1`` and the circle's direction at 75 degrees."""
+    c, s = math.cos, math.sin
+    r = math.radians
+    w2 = np.array([c(r(75)) * c(r(30)), s(r(75)) * c(r(30)), s(r(30)), 0.0])
+    dirs = np.array([[1.0, 0, 0, 0], w2, [c(r(150)), s(r(150)), 0, 0], -c(r(30)) * w2 + s(r(30)) * np.eye(4)[3]])
+    if n_units <= 2:
+        dirs = np.array([[1.0, 0], [c(r(75)), s(r(75))]])
+    need = max(2, n_units)
+    dim = dim or need
+    W = np.zeros((n_units, dim))
+    W[:, :need] = dirs[:n_units, :need]
+    return Teacher(tuple(tuple(map(float, w)) for w in W), (1.0, -0.7, 0.5, -0.35)[:n_units], Inputs(dim, patches))
 
 
-def make_teacher(teacher_units, min_separation_deg: float = 20.0) -> Teacher:
-    """The teacher from the chapter parameter: a number of units (:func:`default_teacher`) or a
-    list of ``[angle_in_degrees, amplitude]`` pairs.
+TEACHER_RULE = ("must be a number of units in 1..4 or a list of [direction, amplitude] pairs "
+                "(direction: input_dim numbers, not zero; amplitude: a number, not zero) with "
+                "linearly independent directions, at most input_dim of them")
 
-    Amplitudes must be > 0 (a positive combination of ReLUs, so ``G >= 0``) and the directions
-    pairwise at least `min_separation_deg` apart modulo 180 degrees (units closer than that are one
-    ray for the ``cos > 0.99``-type grouping, and units 180 degrees apart share a kink line).
+
+def make_teacher(teacher_units, input_dim: int | None = None, patches: int = 1) -> Teacher:
+    """The teacher from the chapter's parameters (see :data:`TEACHER_RULE`).
+
+    Why at most ``input_dim`` independent directions: ``relu(z) - relu(-z) = z``, so with K > d
+    units the zero-loss networks form a (K - d)-dimensional family with different rays (on the
+    circle, three units already have one): the ray count would not be a property of the function.
     """
-    allowed = ("must be a number of units in 1..6 or a list of [angle_degrees, amplitude] pairs with "
-               f"amplitudes > 0 and directions at least {min_separation_deg:g} degrees apart modulo 180")
     if isinstance(teacher_units, bool):
-        raise ParameterError("teacher_units", teacher_units, allowed)
+        raise ParameterError("teacher_units", teacher_units, TEACHER_RULE)
     if isinstance(teacher_units, int):
-        if not 1 <= teacher_units <= 6:
-            raise ParameterError("teacher_units", teacher_units, allowed)
-        return default_teacher(teacher_units)
+        if not 1 <= teacher_units <= 4:
+            raise ParameterError("teacher_units", teacher_units, TEACHER_RULE)
+        dim = input_dim or max(2, teacher_units)
+        if dim < max(2, teacher_units):
+            raise ParameterError("input_dim", input_dim,
+                                 f"must be at least {max(2, teacher_units)} for a teacher of {teacher_units} units")
+        return default_teacher(teacher_units, dim, patches)
     try:
-        pairs = [(float(a), float(m)) for a, m in teacher_units]
+        pairs = [([float(x) for x in d], float(a)) for d, a in teacher_units]
     except (TypeError, ValueError):
-        raise ParameterError("teacher_units", teacher_units, allowed) from None
-    if not pairs or any(not (math.isfinite(a) and math.isfinite(m) and m > 0) for a, m in pairs):
-        raise ParameterError("teacher_units", teacher_units, allowed)
-    for i in range(len(pairs)):
-        for j in range(i):
-            gap = abs(pairs[i][0] - pairs[j][0]) % 180.0
-            if min(gap, 180.0 - gap) < min_separation_deg:
-                raise ParameterError("teacher_units", teacher_units, allowed)
-    return Teacher(tuple(math.radians(a) for a, _ in pairs), tuple(m for _, m in pairs))
+        raise ParameterError("teacher_units", teacher_units, TEACHER_RULE) from None
+    dims = {len(d) for d, _ in pairs}
+    if not pairs or len(dims) != 1 or min(dims) < 2:
+        raise ParameterError("teacher_units", teacher_units, TEACHER_RULE)
+    dim = dims.pop()
+    if input_dim is not None and input_dim != dim:
+        raise ParameterError("input_dim", input_dim, f"must equal the teacher directions' length {dim}")
+    W = np.array([d for d, _ in pairs])
+    a = np.array([m for _, m in pairs])
+    if not (np.isfinite(W).all() and np.isfinite(a).all()) or (a == 0).any() or len(pairs) > dim:
+        raise ParameterError("teacher_units", teacher_units, TEACHER_RULE)
+    norms = np.linalg.norm(W, axis=1)
+    if (norms == 0).any():
+        raise ParameterError("teacher_units", teacher_units, TEACHER_RULE)
+    W = W / norms[:, None]
+    if np.linalg.svd(W, compute_uv=False).min() < 1e-3:
+        raise ParameterError("teacher_units", teacher_units, TEACHER_RULE)
+    return Teacher(tuple(tuple(map(float, w)) for w in W), tuple(map(float, a)), Inputs(dim, patches))
 
 
 # ------------------------------------------------------------------ the problem
 
 @dataclass(frozen=True)
-class CircleProblem:
-    """A width-``width`` bias-free ReLU network learning `teacher` on the unit circle."""
+class SphereProblem:
+    """A width-``width`` bias-free ReLU network (convolutional when the inputs have several patches)
+    learning `teacher` on the sphere, with the exact population loss."""
 
     teacher: Teacher
     width: int
 
     @property
-    def model(self) -> TwoLayer:
-        return TwoLayer.build("relu", 2, self.width)
+    def inputs(self) -> Inputs:
+        return self.teacher.inputs
 
-    def loss(self, theta: torch.Tensor) -> torch.Tensor:
-        """Exact population loss ``1/2 E (y - f)^2`` of a batch of parameters (B, P): (B,)."""
+    @property
+    def model(self) -> TwoLayer:
+        return TwoLayer.build("relu", self.inputs.dim, self.width)
+
+    def _terms(self, theta):
         V, U = self.model.unflatten(theta)
         v = V[..., 0]
-        W = self.teacher.directions(theta.dtype).to(theta.device)
-        a = torch.as_tensor(self.teacher.amplitudes, dtype=theta.dtype, device=theta.device)
-        cross = (kernel(U.unsqueeze(-2), W) * a).sum(-1)                       # (B, H)
-        gram = kernel(U.unsqueeze(-2), U.unsqueeze(-3))                         # (B, H, H)
-        quad = (v.unsqueeze(-1) * gram * v.unsqueeze(-2)).sum((-1, -2))
-        return 0.5 * (self.teacher.energy() - 2 * (v * cross).sum(-1) + quad)
+        W, a = self.teacher.W(theta.dtype), self.teacher.a(theta.dtype)
+        cross = (self.inputs.kernel(U[..., None, :], W) * a).sum(-1)                 # (B, H)
+        gram = self.inputs.kernel(U[..., None, :], U[..., None, :, :])               # (B, H, H)
+        gv = (gram * v[..., None, :]).sum(-1)                                        # (B, H)
+        return v, U, W, a, cross, gv
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """``1/2 E (y - f)^2`` of a batch of parameters (B, P): (B,)."""
+        v, _, _, _, cross, gv = self._terms(theta)
+        return 0.5 * (self.teacher.energy() - 2 * (v * cross).sum(-1) + (v * gv).sum(-1))
+
+    def neg_grad_and_loss(self, theta: torch.Tensor):
+        """``(-grad L, L)`` written out (the kernel's own gradient, no autograd)."""
+        v, U, W, a, cross, gv = self._terms(theta)
+        L = 0.5 * (self.teacher.energy() - 2 * (v * cross).sum(-1) + (v * gv).sum(-1))
+        dv = cross - gv
+        pull = (self.inputs.kernel_grad(U[..., None, :], W) * a[:, None]).sum(-2)       # (B, H, d)
+        push = (self.inputs.kernel_grad(U[..., None, :], U[..., None, :, :]) * v[..., None, :, None]).sum(-2)
+        du = v[..., None] * (pull - push)
+        return self.model.flatten(dv[..., None], du), L
 
     def flow(self) -> GradientFlow:
-        return GradientFlow(self.loss)
-
-    def grid_data(self, n_grid: int = 3600) -> Dataset:
-        """The uniform angle grid as a dataset (weights 1/n): its loss is the trapezoid rule of
-        the population loss, exact up to O(1/n^2) for this piecewise-trigonometric integrand."""
-        _, x = counts.circle_inputs(n_grid)
-        return Dataset(x, self.teacher(x), torch.full((n_grid,), 1.0 / n_grid, dtype=DTYPE))
+        return GradientFlow(self.loss, self.neg_grad_and_loss)
 
     def target_rms(self) -> float:
         return math.sqrt(self.teacher.energy())
@@ -206,113 +260,216 @@ def balanced_init(model: TwoLayer, eps, seeds: Sequence[int]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Ray:
-    angle: float        # radians, direction of u
-    amplitude: float    # sum of v_i |u_i| over the ray's units: the ray computes amplitude * relu(cos(phi - angle))
+    direction: tuple    # unit vector of the ray's leading unit
+    amplitude: float    # sum of v_i |u_i| over the ray's units: the ray computes amplitude * g_direction
     units: int
 
 
-def rays(model: TwoLayer, theta: torch.Tensor, scale: float, rel: float = 0.05,
-         cos: float = 0.99) -> list[list[Ray]]:
+def rays(problem: SphereProblem, theta: torch.Tensor, rel: float = 0.05, cos: float = 0.99) -> list[list[Ray]]:
     """The rays of each run: units grouped greedily by direction, largest unit first (a unit joins
     the first ray whose leading direction has cosine above `cos` with its own), and only rays whose
-    output ``|amplitude| * sqrt(E relu^2)`` exceeds ``rel * scale`` (``scale``: the target's RMS).
+    output ``|amplitude| sqrt(E g_z^2)`` exceeds ``rel`` times the target's RMS.
 
     Sizes are per ray, not per unit: a ray shared by many small units still counts, and the
     threshold is relative to the target, so the origin plateau (every unit O(eps)) has no rays.
     """
-    V, U = model.unflatten(theta)
+    V, U = problem.model.unflatten(theta)
+    bar = rel * problem.target_rms() / math.sqrt(problem.inputs.unit_energy())
     out = []
     for b in range(theta.shape[0]):
-        v, u = V[b, :, 0], U[b]
-        r = u.norm(dim=-1)
-        s = v * r
+        r = U[b].norm(dim=-1)
+        s = V[b, :, 0] * r
+        Z = U[b] / r.clamp_min(1e-300)[:, None]
         groups: list[list[int]] = []
         for i in torch.argsort(-s.abs()).tolist():
-            if r[i] == 0:
-                continue
-            d = u[i] / r[i]
             for g in groups:
-                lead = u[g[0]] / r[g[0]]
-                if float(d @ lead) > cos:
+                if float(Z[i] @ Z[g[0]]) > cos:
                     g.append(i)
                     break
             else:
                 groups.append([i])
-        found = []
-        for g in groups:
-            amp = float(s[g].sum())
-            if abs(amp) * math.sqrt(E_RELU_SQ) > rel * scale:
-                lead = u[g[0]]
-                found.append(Ray(math.atan2(float(lead[1]), float(lead[0])) % (2 * PI), amp, len(g)))
-        out.append(found)
+        found = [Ray(tuple(Z[g[0]].tolist()), float(s[g].sum()), len(g)) for g in groups]
+        out.append([ray for ray in found if abs(ray.amplitude) > bar])
     return out
 
 
-def ray_count(model: TwoLayer, theta: torch.Tensor, scale: float, rel: float = 0.05) -> list[int]:
-    return [len(r) for r in rays(model, theta, scale, rel)]
+def ray_count(problem: SphereProblem, theta: torch.Tensor, rel: float = 0.05) -> list[int]:
+    return [len(r) for r in rays(problem, theta, rel)]
 
 
-def kink_lines(model: TwoLayer, theta: torch.Tensor, scale: float, rel: float = 0.05,
-               n_grid: int = 7200, cos: float = 0.99) -> list[int]:
-    """Kinks of the learned function on the circle, counted in antipodal pairs (kink lines).
+def great_circles(dim: int, n: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` great circles of S^{dim-1} as orthonormal pairs ``(p, q)`` (2, dim): the circle itself
+    for dim = 2, fixed random planes otherwise (seeded: the same for every run)."""
+    if dim == 2:
+        return [torch.eye(2, dtype=DTYPE)]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.linalg.qr(torch.randn(dim, 2, generator=g, dtype=DTYPE))[0].T for _ in range(n)]
 
-    ``f(-x) = f(x) - (sum_i v_i u_i) . x`` differs from ``f(x)`` by a linear, kink-free function, so
-    the kinks come in antipodal pairs with equal jumps; a ray of amplitude ``a`` at angle theta puts
-    a pair of derivative jumps of size ``|a|`` at theta +- 90 degrees. A kink counts when the
-    derivative jumps by more than ``2 rel scale`` -- the jump of a ray that :func:`rays` just counts
-    (``|a| sqrt(E relu^2) = rel scale``), so rays and kink lines use one threshold. (Unlike
-    :func:`saddle_escape.sim.counts.kinks`, whose threshold is relative to the function's own
-    largest slope and so finds kinks in the O(eps^2) function of the origin plateau.)
-    Kinks closer than ``acos(cos)`` (the rays' angular tolerance) are one kink, so the units of one
-    ray, a few degrees apart, make one kink line as they make one ray.
+
+def kink_lines(problem: SphereProblem, theta: torch.Tensor, rel: float = 0.05, n_grid: int = 7200,
+               cos: float = 0.99) -> list[int]:
+    """Kink lines of the learned (single-patch) function, counted on a fine angle grid along great circles.
+
+    A ray of amplitude ``a`` along ``z`` is not differentiable on the hyperplane ``z.x = 0``, which
+    crosses a great circle in an antipodal pair of points, where the slope along the circle jumps
+    by ``|a| |z_pq|`` (``z_pq``: the part of ``z`` in the circle's plane). A kink counts when the
+    jump exceeds half the amplitude that :func:`rays` just counts, so a counted ray at least 30
+    degrees from the circle's normal is seen; kinks closer than ``acos(cos)`` (the rays' angular
+    tolerance) are one. The count of a run is the largest over :func:`great_circles` (a
+    coincidence on one circle can only merge kinks, never make them). Unlike the ray count it is
+    a property of the function alone, whatever units compute it.
     """
-    _, x = counts.circle_inputs(n_grid)
+    d = problem.inputs.dim
+    bar = 0.5 * rel * problem.target_rms() / math.sqrt(problem.inputs.unit_energy())
+    phi = torch.arange(n_grid, dtype=DTYPE) * (2 * PI / n_grid)
     h = 2 * PI / n_grid
-    f = model.forward(theta, x)[..., 0]                                        # (B, n)
-    slope = (torch.roll(f, -1, dims=-1) - f) / h
-    jump = (slope - torch.roll(slope, 1, dims=-1)).abs()
-    big = jump > 2 * rel * scale
     gap = max(1, int(math.ceil(math.acos(cos) / h)))
-    out = []
-    for row in big:
-        where = torch.nonzero(row).flatten()
-        if len(where) == 0:
-            out.append(0)
-            continue
-        # circular clusters of kink points: a new kink where the next one is more than `gap` away
-        steps = torch.diff(where, append=where[:1] + n_grid)
-        out.append(int((steps > gap).sum()) // 2 if len(where) > 1 else 0)
-    return out
+    best = [0] * theta.shape[0]
+    for pq in great_circles(d):
+        x = torch.stack([phi.cos(), phi.sin()], -1) @ pq
+        f = problem.model.forward(theta, x)[..., 0]                               # (B, n)
+        slope = (torch.roll(f, -1, dims=-1) - f) / h
+        big = (slope - torch.roll(slope, 1, dims=-1)).abs() > bar
+        for b, row in enumerate(big):
+            where = torch.nonzero(row).flatten()
+            if len(where) > 1:
+                steps = torch.diff(where, append=where[:1] + n_grid)
+                best[b] = max(best[b], int((steps > gap).sum()) // 2)
+    return best
 
 
 # ------------------------------------------------------------------ plateaus
 
-def plateau_indices(grad_norm: np.ndarray, rel: float = 1e-2) -> list[int]:
+def plateau_indices(grad_norm: np.ndarray, loss: np.ndarray, rel: float = 1e-2, fall: float = 0.01) -> list[int]:
     """The saddle visits of one trajectory, by a rule fixed before looking at any result.
 
-    Index 0 (the start, next to the saddle at the origin) and every interior local minimum of the
-    gradient norm ``||grad L||`` along the saved trajectory that lies below ``rel`` times its
-    largest value (a passage close to a fixed point, between two drops), plus the last index (the
+    Index 0 (the start, next to the saddle at the origin), every interior local minimum of the
+    gradient norm along the saved trajectory that lies below ``rel`` times its largest value and
+    comes after the loss has fallen by `fall` of its start (a passage close to a fixed point
+    between two drops, not the alignment phase on the origin plateau), and the last index (the
     end of the run). Saddle visits are where the flow nearly stops; drops are where it is O(1).
     """
     g = np.asarray(grad_norm, dtype=float)
+    L = np.asarray(loss, dtype=float)
     top = g.max()
-    inner = [i for i in range(1, len(g) - 1) if g[i] <= g[i - 1] and g[i] < g[i + 1] and g[i] < rel * top]
+    inner = [i for i in range(1, len(g) - 1) if g[i] <= g[i - 1] and g[i] < g[i + 1] and g[i] < rel * top
+             and L[i] < (1 - fall) * L[0]]
     return [0] + inner + [len(g) - 1]
+
+
+# ------------------------------------------------------------------ runs
+
+@dataclass
+class Trajectories:
+    """Saved runs of one problem: ``ts`` (T,), ``thetas`` (B, T, P) (NaN after a run stopped),
+    ``saved`` (B, T), ``loss`` and ``grad_norm`` (B, T), the runs' ``eps`` and ``seeds``, and for
+    each run the time and state at which the loss had fallen by `escape_fraction` (the first escape)."""
+
+    problem: SphereProblem
+    ts: np.ndarray
+    thetas: torch.Tensor
+    saved: np.ndarray
+    loss: np.ndarray
+    grad_norm: np.ndarray
+    eps: np.ndarray
+    seeds: list
+    escape_time: np.ndarray
+    escape_state: torch.Tensor
+    learned: np.ndarray        # (B,) the loss fell below the stop fraction before t_max
+
+    def run(self, b: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
+        """One run's saved times, states, losses and gradient norms (only the saved part)."""
+        keep = self.saved[b]
+        return self.ts[keep], self.thetas[b][torch.as_tensor(keep)], self.loss[b][keep], self.grad_norm[b][keep]
+
+    def plateaus(self, b: int) -> list[int]:
+        _, _, L, g = self.run(b)
+        return plateau_indices(g, L)
+
+
+def simulate(problem: SphereProblem, eps_values: Sequence[float], seeds: Sequence[int], t_max: float,
+             n_save: int = 1500, stop_fraction: float = 1e-4, escape_fraction: float = 0.01,
+             rtol: float = 1e-7) -> Trajectories:
+    """Every (eps, seed) pair as one batch from :func:`balanced_init`, until the loss is below
+    `stop_fraction` of its start (the teacher is learned) or `t_max`; saves on a grid of `n_save`
+    times shared by the runs, and locates the first escape (the loss down by `escape_fraction`)."""
+    runs = [(float(e), int(s)) for e in eps_values for s in seeds]
+    theta0 = balanced_init(problem.model, [e for e, _ in runs], [s for _, s in runs])
+    flow = problem.flow()
+    L0 = flow.loss(theta0)
+    events = [Event(lambda t, y, idx: flow.loss(y) - (1 - escape_fraction) * L0[idx], direction=-1,
+                    terminal=False, name="escape"),
+              Event(lambda t, y, idx: flow.loss(y) - stop_fraction * L0[idx], direction=-1, name="learned")]
+    ts = torch.linspace(0, t_max, n_save, dtype=DTYPE)
+    sol = solve(flow, theta0, t_max, controller=PIController(rtol=rtol, atol=1e-14), events=events,
+                saveat=SaveAt(ts))
+    saved = sol.saved.numpy()
+    loss = np.full(saved.shape, np.nan)
+    grad = np.full(saved.shape, np.nan)
+    for b in range(len(runs)):
+        neg, L = problem.neg_grad_and_loss(sol.ys[b][torch.as_tensor(saved[b])])
+        loss[b, saved[b]] = L.numpy()
+        grad[b, saved[b]] = neg.norm(dim=-1).numpy()
+    return Trajectories(problem, ts.numpy(), sol.ys, saved, loss, grad, np.array([e for e, _ in runs]),
+                        [s for _, s in runs], sol.event_times[:, 0].numpy(), sol.event_states[0],
+                        np.isfinite(sol.event_times[:, 1].numpy()))
+
+
+@dataclass
+class Stage:
+    """One saddle visit of one run: where the flow nearly stopped, and what the network was there."""
+
+    time: float
+    loss: float
+    rays: list
+    kinks: int
+
+
+@dataclass
+class RunSummary:
+    eps: float
+    seed: int
+    missing: list          # teacher units whose basin no student unit of their sign reached (decided at t = 0)
+    stages: list           # Stage per saddle visit: the start, each plateau, the end
+    learned: bool          # the loss fell below the stop fraction
+
+    @property
+    def ray_counts(self) -> list[int]:
+        return [len(s.rays) for s in self.stages]
+
+    @property
+    def kink_counts(self) -> list[int]:
+        return [s.kinks for s in self.stages]
+
+
+def summarise(tr: Trajectories) -> list[RunSummary]:
+    """Every run's saddle visits (:func:`plateau_indices`) with the rays and kink lines there, and
+    which teacher basins its initialisation leaves empty (:func:`unpopulated_basins`)."""
+    problem = tr.problem
+    unit0 = tr.thetas[:, 0] / torch.as_tensor(tr.eps)[:, None]
+    missing = unpopulated_basins(problem.teacher, unit0, problem.model)
+    out = []
+    for b in range(len(tr.eps)):
+        ts, th, L, g = tr.run(b)
+        idx = plateau_indices(g, L)
+        found = rays(problem, th[idx])
+        kinks = kink_lines(problem, th[idx])
+        stages = [Stage(float(ts[i]), float(L[i]), r, k) for i, r, k in zip(idx, found, kinks)]
+        out.append(RunSummary(float(tr.eps[b]), tr.seeds[b], missing[b], stages, bool(tr.learned[b])))
+    return out
 
 
 # ------------------------------------------------------------------ the narrow network
 
-def narrow_fixed_point(teacher: Teacher, visited: Sequence[Ray], steps: int = 200) -> tuple[float, list[Ray]]:
+def narrow_fixed_point(teacher: Teacher, visited: Sequence[Ray], steps: int = 300) -> tuple[float, list[Ray]]:
     """Optimise the ``k``-unit network started from the visited rays (one balanced unit per ray)
     with L-BFGS on the exact loss; returns its loss and its rays. ``k = 0``: the loss at the origin."""
     if not visited:
         return 0.5 * teacher.energy(), []
-    problem = CircleProblem(teacher, len(visited))
+    problem = SphereProblem(teacher, len(visited))
     model = problem.model
     r = torch.tensor([math.sqrt(abs(ray.amplitude)) for ray in visited], dtype=DTYPE)
-    ang = torch.tensor([ray.angle for ray in visited], dtype=DTYPE)
-    U = r[:, None] * torch.stack([ang.cos(), ang.sin()], -1)
+    U = r[:, None] * torch.tensor([ray.direction for ray in visited], dtype=DTYPE)
     V = torch.tensor([math.copysign(1.0, ray.amplitude) for ray in visited], dtype=DTYPE)[:, None] * r[:, None]
     theta = model.flatten(V[None], U[None]).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=steps, tolerance_grad=1e-14, tolerance_change=1e-16,
@@ -320,80 +477,214 @@ def narrow_fixed_point(teacher: Teacher, visited: Sequence[Ray], steps: int = 20
 
     def closure():
         opt.zero_grad()
-        L = problem.loss(theta).sum()
-        L.backward()
-        return L
+        neg, L = problem.neg_grad_and_loss(theta.detach())
+        theta.grad = -neg
+        return L.sum()
 
     opt.step(closure)
     theta = theta.detach()
-    return float(problem.loss(theta)), rays(model, theta, problem.target_rms(), rel=1e-6)[0]
+    return float(problem.loss(theta)), rays(problem, theta, rel=1e-6)[0]
 
 
 def best_loss(teacher: Teacher, k: int, n_starts: int = 32, seed: int = 0) -> float:
-    """The best loss of a ``k``-unit network over `n_starts` random starts (directions uniform,
-    amplitude ``+-`` the teacher's scale), each polished by :func:`narrow_fixed_point`."""
+    """The best loss of a ``k``-unit network over `n_starts` random starts (directions uniform on
+    the sphere, amplitudes of either sign up to the teacher's largest), each polished by
+    :func:`narrow_fixed_point`."""
     if k == 0:
         return 0.5 * teacher.energy()
     rng = np.random.default_rng(seed)
+    top = max(abs(a) for a in teacher.amplitudes)
     best = math.inf
     for _ in range(n_starts):
-        start = [Ray(float(a), float(m), 1) for a, m in zip(rng.uniform(0, 2 * PI, k),
-                                                            rng.uniform(0.1, 1.0, k) * max(teacher.amplitudes))]
-        best = min(best, narrow_fixed_point(teacher, start)[0])
+        Z = rng.standard_normal((k, teacher.inputs.dim))
+        Z /= np.linalg.norm(Z, axis=1, keepdims=True)
+        amps = rng.uniform(0.1, 1.0, k) * top * rng.choice([-1.0, 1.0], k)
+        best = min(best, narrow_fixed_point(teacher, [Ray(tuple(z), float(m), 1) for z, m in zip(Z, amps)])[0])
     return best
 
 
 # ------------------------------------------------------------------ the early alignment flow
 
-def early_flow(teacher: Teacher, angles: np.ndarray, signs: np.ndarray, t_max: float,
-               n_save: int = 2001) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integrate ``theta' = s G'(theta)``, ``(ln r)' = s G(theta)`` for units at `angles` with `signs`
-    (one run). Returns the save times, the angles (T, H) and the log-growth ``ln r(t)/r(0)`` (T, H)."""
-    H = len(angles)
-    s = torch.as_tensor(signs, dtype=DTYPE)
-
+def _early_field(teacher: Teacher, H: int, d: int, signs: torch.Tensor):
     def field(t, y):
-        th = y[:, :H].numpy()
-        dth = torch.as_tensor(teacher.correlation_slope(th), dtype=DTYPE) * s
-        dlr = torch.as_tensor(teacher.correlation(th), dtype=DTYPE) * s
-        return torch.cat([dth, dlr], dim=-1)
+        Z = y[:, :H * d].reshape(-1, H, d)
+        Z = Z / Z.norm(dim=-1, keepdim=True)     # projecting with the normalised z keeps |z| = 1 neutral,
+        g = teacher.correlation_grad(Z)          # not unstable where s G < 0
+        dz = signs[:, None] * (g - (g * Z).sum(-1, keepdim=True) * Z)
+        return torch.cat([dz.reshape(y.shape[0], -1), signs * teacher.correlation(Z)], dim=-1)
+    return field
 
-    y0 = torch.cat([torch.as_tensor(angles, dtype=DTYPE), torch.zeros(H, dtype=DTYPE)])[None]
+
+def early_flow(teacher: Teacher, Z0: np.ndarray, signs: np.ndarray, t_max: float,
+               n_save: int = 2001, rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integrate ``z' = s (I - z z^T) grad G(z)``, ``(ln r)' = s G(z)`` for units at directions `Z0`
+    (H, d) with `signs` (one run). Returns the save times, the directions (T, H, d) and the
+    log-growth ``ln r(t)/r(0)`` (T, H)."""
+    H, d = Z0.shape
+    field = _early_field(teacher, H, d, torch.as_tensor(signs, dtype=DTYPE))
+    y0 = torch.cat([torch.as_tensor(Z0, dtype=DTYPE).reshape(-1), torch.zeros(H, dtype=DTYPE)])[None]
     ts = torch.linspace(0, t_max, n_save, dtype=DTYPE)
-    sol = solve(ODETerm(field), y0, t_max, controller=PIController(rtol=1e-10, atol=1e-12), saveat=SaveAt(ts))
+    sol = solve(ODETerm(field), y0, t_max, controller=PIController(rtol=rtol, atol=rtol * 1e-2), saveat=SaveAt(ts))
     ys = sol.ys[0].numpy()
-    return ts.numpy(), ys[:, :H], ys[:, H:]
+    return ts.numpy(), ys[:, :H * d].reshape(-1, H, d), ys[:, H * d:]
+
+
+def _alignment_time(teacher: Teacher) -> float:
+    """A time by which the early flow has settled: 40 over the teacher's smallest curvature scale."""
+    return 40.0 / (min(abs(a) for a in teacher.amplitudes) * teacher.inputs.unit_energy())
+
+
+@functools.lru_cache(maxsize=16)
+def basins(teacher: Teacher) -> np.ndarray:
+    """Where the early alignment flow started at each teacher direction ``w_k`` with the sign of
+    ``a_k`` settles (K, d): the attractor that collects that unit's cluster."""
+    W = np.asarray(teacher.directions)
+    signs = np.sign(teacher.amplitudes)
+    _, Z, _ = early_flow(teacher, W, signs, _alignment_time(teacher), n_save=2)
+    return Z[-1] / np.linalg.norm(Z[-1], axis=-1, keepdims=True)
+
+
+def check_teacher(teacher: Teacher, min_angle_deg: float = 20.0) -> np.ndarray:
+    """Refuse (:class:`~saddle_escape.sim.errors.ParameterError`) a teacher whose units do not have
+    their own basins: two teacher units of one sign whose early flows settle within `min_angle_deg`
+    share one cluster of student units, so their two rays cannot form in two stages (the second
+    would have to split off the first cluster instead of growing from eps). Returns the basins."""
+    Z = basins(teacher)
+    signs = np.sign(teacher.amplitudes)
+    for i in range(len(Z)):
+        for j in range(i):
+            angle = math.degrees(math.acos(float(np.clip(Z[i] @ Z[j], -1, 1))))
+            if signs[i] == signs[j] and angle < min_angle_deg:
+                raise ParameterError(
+                    "teacher_units", [[list(w), a] for w, a in zip(teacher.directions, teacher.amplitudes)],
+                    f"must give every teacher unit its own basin of the early alignment flow: units {j} and {i} "
+                    f"(same sign) both attract student units to one direction ({angle:.0f} degrees apart, "
+                    f"need {min_angle_deg:g}); put units of one sign further apart or give them opposite signs")
+    return Z
+
+
+def unpopulated_basins(teacher: Teacher, theta0: torch.Tensor, model: TwoLayer, cos: float = 0.99) -> list[list[int]]:
+    """For each run of `theta0` (B, P), the teacher units whose basin (:func:`basins`) no student
+    unit of the right sign reaches under the early alignment flow: those rays have no cluster.
+    Decided from the initial directions alone (the flow is eps-free), before any simulation."""
+    Zb = basins(teacher)
+    signs_t = np.sign(teacher.amplitudes)
+    V, U = model.unflatten(theta0)
+    B, H, d = U.shape
+    u = U.reshape(B * H, d).numpy()
+    signs = np.sign(V[..., 0].reshape(-1).numpy())
+    # every unit of every run in one call: the units do not interact in this flow
+    _, Z, _ = early_flow(teacher, u / np.linalg.norm(u, axis=1, keepdims=True), signs,
+                         _alignment_time(teacher), n_save=2, rtol=1e-6)
+    end = Z[-1].reshape(B, H, d)
+    end = end / np.linalg.norm(end, axis=-1, keepdims=True)
+    signs = signs.reshape(B, H)
+    return [[k for k in range(teacher.size)
+             if not any(signs[b, i] == signs_t[k] and end[b, i] @ Zb[k] > cos for i in range(H))]
+            for b in range(B)]
 
 
 def predicted_escape_time(teacher: Teacher, theta0_unit: torch.Tensor, model: TwoLayer, eps: float,
-                          fraction: float = 0.01, t_max: float | None = None) -> dict:
+                          fraction: float = 0.01, rtol: float = 1e-9) -> dict:
     """The time at which the loss has fallen by `fraction` of its initial value, from the early flow.
 
     `theta0_unit` is one run's balanced initialisation at eps = 1 (:func:`balanced_init`); the run at
     `eps` starts at ``eps * theta0_unit``. To first order in ``f`` the loss is
-    ``L0 - sum_i s_i r_i^2 G(theta_i)``, so the predicted time solves
-    ``eps^2 sum_i s_i r_i(0)^2 exp(2 ln r_i(t)/r_i(0)) G(theta_i(t)) = fraction * L0``.
-    Also returns the angle of the unit that carries most of that drop at the predicted time.
+    ``L0 - sum_i s_i r_i^2 G(z_i)``, so the predicted time solves
+    ``eps^2 sum_i s_i r_i(0)^2 exp(2 ln r_i(t)/r_i(0)) G(z_i(t)) = fraction * L0``, located as an
+    event of the early flow. Also returns the direction of the unit that carries most of that drop.
     """
     V, U = model.unflatten(theta0_unit[None])
-    u = U[0].numpy()
-    signs = np.sign(V[0, :, 0].numpy())
-    r0 = np.linalg.norm(u, axis=-1)
-    angles = np.arctan2(u[:, 1], u[:, 0])
-    _, g_star = teacher.strongest_direction()
-    L0 = 0.5 * teacher.energy()
-    if t_max is None:
-        t_max = 2.0 * (math.log(fraction * L0 / (eps ** 2 * g_star)) / (2 * g_star) + 20.0 / g_star)
-    ts, th, lr = early_flow(teacher, angles, signs, t_max)
-    with np.errstate(over="ignore"):
-        terms = eps ** 2 * signs * r0 ** 2 * np.exp(2 * lr) * teacher.correlation(th)      # (T, H)
-    drop = terms.sum(-1)
-    above = np.flatnonzero(drop >= fraction * L0)
-    if len(above) == 0 or above[0] == 0:
-        return dict(time=math.nan, angle=math.nan)
-    j = above[0]
-    # the drop grows exponentially: interpolate its logarithm linearly between saves
-    a, b = math.log(drop[j - 1]), math.log(drop[j])
-    t = ts[j - 1] + (math.log(fraction * L0) - a) / (b - a) * (ts[j] - ts[j - 1])
-    lead = int(np.argmax(terms[j]))
-    return dict(time=float(t), angle=float(th[j, lead] % (2 * PI)))
+    u = U[0]
+    H, d = u.shape
+    signs = torch.sign(V[0, :, 0])
+    r0 = u.norm(dim=-1)
+    target = fraction * 0.5 * teacher.energy()
+
+    def terms(y):
+        Z = y[:, :H * d].reshape(-1, H, d)
+        Z = Z / Z.norm(dim=-1, keepdim=True)
+        return eps ** 2 * signs * r0 ** 2 * torch.exp(2 * y[:, H * d:]) * teacher.correlation(Z), Z
+
+    field = _early_field(teacher, H, d, signs)
+    y0 = torch.cat([(u / r0[:, None]).reshape(-1), torch.zeros(H, dtype=DTYPE)])[None]
+    g_star = max(float(np.sign(a) * teacher.correlation(torch.tensor(z)))
+                 for z, a in zip(basins(teacher), teacher.amplitudes))
+    t_max = 4.0 * (math.log(target / (eps ** 2 * float((r0 ** 2).sum()) * g_star)) / (2 * g_star) + 20.0 / g_star)
+    drop = Event(lambda t, y, idx: terms(y)[0].sum(-1) - target, direction=1, name="drop")
+    sol = solve(ODETerm(field), y0, t_max, controller=PIController(rtol=rtol, atol=rtol * 1e-2), events=[drop])
+    t = float(sol.event_times[0, 0])
+    if not math.isfinite(t):
+        return dict(time=math.nan, direction=None)
+    T, Z = terms(sol.event_states[0])
+    lead = int(torch.argmax(T[0]))
+    return dict(time=t, direction=tuple(Z[0, lead].tolist()))
+
+
+# ------------------------------------------------------------------ what the chapter reports
+
+def staircase_ok(summary: RunSummary, K: int) -> bool:
+    """One saddle visit per stage, counts ``0, 1, ..., K`` in rays and in kink lines, and learned."""
+    want = list(range(K + 1))
+    return summary.learned and summary.ray_counts == want and summary.kink_counts == want
+
+
+def plateau_gaps(teacher: Teacher, summary: RunSummary) -> list[dict]:
+    """For each interior saddle visit (k = 1 .. K-1 rays): the loss there, the loss of the k-unit
+    network's fixed point reached from the visited rays (:func:`narrow_fixed_point`), and their
+    relative difference."""
+    out = []
+    for stage in summary.stages[1:-1]:
+        fixed, fixed_rays = narrow_fixed_point(teacher, stage.rays)
+        out.append(dict(k=len(stage.rays), loss=stage.loss, fixed=fixed, rays=fixed_rays,
+                        rel=abs(stage.loss - fixed) / fixed))
+    return out
+
+
+def first_escape_check(tr: Trajectories, b: int) -> dict:
+    """Run `b`'s measured first escape (time, and the direction of the ray carrying it) against
+    :func:`predicted_escape_time` from its own initial directions; the angle in degrees."""
+    problem = tr.problem
+    pred = predicted_escape_time(problem.teacher, tr.thetas[b, 0] / float(tr.eps[b]), problem.model, float(tr.eps[b]))
+    V, U = problem.model.unflatten(tr.escape_state[b][None])
+    s = (V[0, :, 0] * U[0].norm(dim=-1)).abs()
+    lead = U[0, int(torch.argmax(s))]
+    z = (lead / lead.norm()).numpy()
+    angle = math.degrees(math.acos(float(np.clip(z @ np.asarray(pred["direction"]), -1, 1))))
+    return dict(measured=float(tr.escape_time[b]), predicted=pred["time"], angle_deg=angle)
+
+
+def sky(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Directions ``Z (..., d)`` as (azimuth, polar angle in degrees) in the axes ``e_1, e_2, e_3``:
+    azimuth in the ``(e_1, e_2)`` plane, polar angle from ``e_3`` (90 on the plane; for d = 2 every
+    direction is on it; for d > 3 the other axes are left out, the direction renormalised)."""
+    Z = np.asarray(Z, dtype=float)
+    if Z.shape[-1] == 2:
+        Z = np.concatenate([Z, np.zeros(Z.shape[:-1] + (1,))], -1)
+    Z = Z[..., :3] / np.linalg.norm(Z[..., :3], axis=-1, keepdims=True).clip(1e-300)
+    return np.arctan2(Z[..., 1], Z[..., 0]), np.degrees(np.arccos(np.clip(Z[..., 2], -1, 1)))
+
+
+def on_great_circle(problem: SphereProblem, theta: torch.Tensor, n_grid: int = 720) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The angle grid, the network's function (B, n) and the teacher's (n,) along the first of
+    :func:`great_circles`: what :func:`kink_lines` counts on."""
+    phi = torch.arange(n_grid, dtype=DTYPE) * (2 * PI / n_grid)
+    x = torch.stack([phi.cos(), phi.sin()], -1) @ great_circles(problem.inputs.dim)[0]
+    return phi.numpy(), problem.model.forward(theta, x)[..., 0].numpy(), problem.teacher(x)[:, 0].numpy()
+
+
+def sampled_loss_gap(problem: SphereProblem, theta: torch.Tensor, n_samples: int, seed: int) -> tuple[float, float]:
+    """The closed-form loss against its average over `n_samples` inputs drawn uniformly on the
+    sphere (patches independent): the relative difference and the sample's relative standard error."""
+    g = torch.Generator().manual_seed(seed)
+    d, P = problem.inputs.dim, problem.inputs.patches
+    x = torch.randn(n_samples, P, d, generator=g, dtype=DTYPE)
+    x = x / x.norm(dim=-1, keepdim=True)
+    V, U = problem.model.unflatten(theta)
+    f = (torch.relu(torch.einsum("npd,bhd->bnph", x, U)).mean(-2) * V[..., 0][:, None]).sum(-1)   # (B, n)
+    W, a = problem.teacher.W(), problem.teacher.a()
+    y = (torch.relu(torch.einsum("npd,kd->npk", x, W)).mean(-2) * a).sum(-1)                    # (n,)
+    sq = 0.5 * (y - f) ** 2
+    exact = problem.loss(theta)
+    mean = sq.mean(-1)
+    return float(((mean - exact).abs() / exact).max()), float((sq.std(-1) / math.sqrt(n_samples) / exact).max())

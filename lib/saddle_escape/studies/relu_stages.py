@@ -141,7 +141,9 @@ def default_teacher(n_units: int, dim: int | None = None, patches: int = 1) -> T
     30 degrees above it; ``w_3`` at 150 degrees azimuth in that plane; ``w_4 = -cos 30 w_2 + sin 30 e_4``
     (150 degrees from ``w_2``). Units of one sign 150 degrees apart, and each negative unit between
     the positive ones, give every unit its own basin of the early alignment flow (:func:`basins`;
-    :func:`check_teacher` tests it). Two units: ``e_1`` and the circle's direction at 75 degrees."""
+    :func:`check_teacher` tests it). Two units: ``e_1`` and the circle's direction at 75 degrees, with
+    amplitudes ``1, -0.5`` (with -0.7 their rates are within a factor 1.8 and the plateau between the
+    stages, ``ln(1/eps) (1/r_2 - 1/r_1)``, is too short for the first ray to settle below eps = 1e-13)."""
     c, s = math.cos, math.sin
     r = math.radians
     w2 = np.array([c(r(75)) * c(r(30)), s(r(75)) * c(r(30)), s(r(30)), 0.0])
@@ -152,7 +154,8 @@ def default_teacher(n_units: int, dim: int | None = None, patches: int = 1) -> T
     dim = dim or need
     W = np.zeros((n_units, dim))
     W[:, :need] = dirs[:n_units, :need]
-    return Teacher(tuple(tuple(map(float, w)) for w in W), (1.0, -0.7, 0.5, -0.35)[:n_units], Inputs(dim, patches))
+    amps = (1.0, -0.5) if n_units <= 2 else (1.0, -0.7, 0.5, -0.35)
+    return Teacher(tuple(tuple(map(float, w)) for w in W), amps[:n_units], Inputs(dim, patches))
 
 
 TEACHER_RULE = ("must be a number of units in 1..4 or a list of [direction, amplitude] pairs "

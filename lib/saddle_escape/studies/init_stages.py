@@ -216,6 +216,7 @@ class Attention(Problem):
         quadratic form, by alternating least squares (keys given queries, then queries given keys)
         from several starts, the best kept."""
         D = self.model.input_dim
+        rank = min(rank, D)                      # a D x D matrix has rank at most D: more heads add nothing
         Kt = self.K.reshape(D, D, D, D)          # K[i j, k l] = E[beta_i xq_j beta_k xq_l]
         Bm = self.b.reshape(D, D)
         best = math.inf

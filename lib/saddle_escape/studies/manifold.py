@@ -210,6 +210,43 @@ def gd_errors(chain: ScalarChain, X0: torch.Tensor, step_sizes, traj: Trajectori
     return worst, at_p, on_grid
 
 
+def gd_order(step_sizes, errors) -> dict:
+    """The order of convergence of gradient descent, with its pre-asymptotic bias removed.
+
+    The error of a first-order method is ``e = A eta (1 + b eta + ...)``, so the local log-log slope
+    between two steps ``eta_1 < eta_2`` is ``p + b m`` to first order, ``m = (eta_2 - eta_1) /
+    ln(eta_2 / eta_1)`` (their logarithmic mean): a straight line in ``m``. Its intercept at
+    ``m = 0`` is the order ``p`` (Richardson extrapolation of the local slopes; two local slopes fix
+    it, more are a least-squares fit). A straight-line fit of log e on log eta instead averages the
+    local slopes and keeps the bias ``b * (typical eta)``, which its interval does not cover.
+
+    Returns ``order`` (the extrapolated p) and ``order_ci`` (its 95% interval from three local
+    slopes on; NaN below), ``local`` (the local slopes, steps ascending),
+    ``bias`` (mean local slope minus the order), and ``fit`` (the straight-line power-law fit)."""
+    from ..sim import fits
+    import numpy as np
+    eta = np.asarray(step_sizes, float)
+    err = np.asarray(errors, float)
+    o = np.argsort(eta)
+    eta, err = eta[o], err[o]
+    local = np.diff(np.log(err)) / np.diff(np.log(eta))
+    m = np.diff(eta) / np.diff(np.log(eta))
+    ci = (math.nan, math.nan)
+    if len(local) == 1:        # two steps: no extrapolation possible, the one local slope
+        order = float(local[0])
+    else:
+        b, order = fits.linear_fit(m, local)[:2]
+        n = len(local)
+        if n >= 3:             # the intercept's 95% interval (ordinary least squares, Student t)
+            from scipy import stats
+            resid = local - order - b * m
+            se = math.sqrt(resid @ resid / (n - 2) * (1 / n + m.mean() ** 2 / ((m - m.mean()) @ (m - m.mean()))))
+            half = float(stats.t.ppf(0.975, n - 2) * se)
+            ci = (order - half, order + half)
+    return {"order": float(order), "order_ci": ci, "local": local, "bias": float(local.mean() - order),
+            "fit": fits.power_law(eta, err)}
+
+
 def gd_full_network(traj: Trajectories, step: float) -> torch.Tensor:
     """Gradient descent on the full network with learning rate ``step``: layer norms (T, L) on
     the grid (``step`` must equal the grid spacing)."""

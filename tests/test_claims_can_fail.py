@@ -380,6 +380,18 @@ def test_exponent_fails_for_the_wrong_r():
     assert not passes(cd.measure(s)["exponent_loss"], -1, 0.02)
 
 
+def test_definition_independence_fails_for_an_eps_dependent_threshold():
+    eps = np.logspace(-1, -5, 9)
+    s = _chain_sweep(2, 3, 1.0, 5.0, eps)
+    s.times[:, 1] = s.times[:, 0] + 2.0               # the norm threshold: an O(1) time later
+    m = cd.measure(s)
+    assert passes(abs(m["logslope_norm"] / m["logslope_loss"] - 1), 0.02, kind="max")
+    # a norm threshold that shrinks with eps (eps^(1/4)) is reached after (3/4) ln(1/eps)/a: another slope
+    s.times[:, 1] = 0.75 * np.log(1 / eps) / s.rate
+    m = cd.measure(s)
+    assert not passes(abs(m["logslope_norm"] / m["logslope_loss"] - 1), 0.02, kind="max")
+
+
 def test_bounded_r1_fails_for_a_law_that_still_grows():
     eps = np.logspace(-1, -5, 9)
     bounded = _chain_sweep(1, 3, 1.0, 5.0, eps)            # t = (1 - eps)/a + C: bounded
@@ -601,3 +613,17 @@ def test_off_manifold_refuses_the_quadratic_activation(tmp_path):
     with pytest.raises(book.params.ParameterError, match="activation = 'quadratic'"):
         for k, src in enumerate(cells[1:]):
             exec(compile(src, f"cell{k + 1}", "exec"), ns)
+
+
+def test_off_manifold_refuses_relu(tmp_path):
+    """Chapter 06 with ReLU: the adaptive integrator crawls along the kink on the finite sample (the
+    quick profile ran 14 min without finishing): a clear refusal naming the parameter."""
+    cells = _setup_cells("06_off_manifold")
+    ns: dict = {}
+    exec(compile(cells[0], "parameters", "exec"), ns)
+    ns.update(profile="quick", activation="relu", results_dir=str(tmp_path / "results"),
+              figures_dir=str(tmp_path / "figures"))
+    with pytest.raises(book.params.ParameterError, match="activation = 'relu'.*smooth"):
+        for k, src in enumerate(cells[1:]):
+            exec(compile(src, f"cell{k + 1}", "exec"), ns)
+

@@ -164,7 +164,7 @@ TEACHER_RULE = ("must be a number of units in 1..4 or a list of [direction, ampl
 
 
 def make_teacher(teacher_units, input_dim: int | None = None, patches: int = 1) -> Teacher:
-    """The teacher from the chapter's parameters (see :data:`TEACHER_RULE`).
+    """The teacher from the chapter's parameters (allowed values: ``TEACHER_RULE``).
 
     Why at most ``input_dim`` independent directions: ``relu(z) - relu(-z) = z``, so with K > d
     units the zero-loss networks form a (K - d)-dimensional family with different rays (on the

@@ -104,10 +104,14 @@ def test_rays_and_kink_lines_count_clusters_not_units(teacher3):
     assert rs.ray_count(p, strong) == [3] and rs.kink_lines(p, strong) == [3]
 
 
-def test_plateau_rule_finds_the_interior_minima_only_after_the_loss_fell():
+def test_plateau_rule_finds_one_visit_per_plateau_only_after_the_loss_fell():
     g = np.array([0.001, 0.0005, 0.002, 1.0, 0.003, 0.002, 0.5, 0.001, 0.0009])
     L = np.array([1.0, 1.0, 1.0, 0.6, 0.3, 0.3, 0.2, 0.1, 0.1])
     assert rs.plateau_indices(g, L) == [0, 5, 8]      # index 1: a minimum, but on the origin plateau
+    # wiggles of the gradient on one plateau (no drop between them) are one visit, its deepest minimum
+    g = np.array([0.001, 1.0, 0.004, 0.006, 0.002, 0.005, 0.003, 0.007, 0.8, 0.001, 0.0005])
+    L = np.array([1.0, 0.5, 0.3, 0.3, 0.2999, 0.2999, 0.2998, 0.2998, 0.1, 0.01, 0.01])
+    assert rs.plateau_indices(g, L) == [0, 4, 10]
 
 
 def test_narrow_fixed_point_from_the_teacher_rays_is_the_teacher(teacher3):

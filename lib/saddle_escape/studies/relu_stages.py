@@ -346,18 +346,25 @@ def kink_lines(problem: SphereProblem, theta: torch.Tensor, rel: float = 0.05, n
 def plateau_indices(grad_norm: np.ndarray, loss: np.ndarray, rel: float = 1e-2, fall: float = 0.01) -> list[int]:
     """The saddle visits of one trajectory, by a rule fixed before looking at any result.
 
-    Index 0 (the start, next to the saddle at the origin), every interior local minimum of the
-    gradient norm along the saved trajectory that lies below ``rel`` times its largest value and
-    comes after the loss has fallen by `fall` of its start (a passage close to a fixed point
-    between two drops, not the alignment phase on the origin plateau), and the last index (the
-    end of the run). Saddle visits are where the flow nearly stops; drops are where it is O(1).
+    Index 0 (the start, next to the saddle at the origin), one index per passage close to a fixed
+    point between two drops, and the last index (the end of the run). Candidates are the interior
+    local minima of the gradient norm below ``rel`` times its largest value; candidates with no
+    drop between them -- the loss within `fall` of the group's first -- are one visit, represented
+    by the one with the smallest gradient; a visit must come after the loss has fallen by `fall`
+    from its start (the alignment phase on the origin plateau is not a visit). Saddle visits are
+    where the flow nearly stops; drops are where it is O(1).
     """
     g = np.asarray(grad_norm, dtype=float)
     L = np.asarray(loss, dtype=float)
     top = g.max()
-    inner = [i for i in range(1, len(g) - 1) if g[i] <= g[i - 1] and g[i] < g[i + 1] and g[i] < rel * top
-             and L[i] < (1 - fall) * L[0]]
-    return [0] + inner + [len(g) - 1]
+    candidates = [i for i in range(1, len(g) - 1) if g[i] <= g[i - 1] and g[i] < g[i + 1] and g[i] < rel * top]
+    groups: list[list[int]] = []
+    for i in candidates:
+        if groups and L[i] >= (1 - fall) * L[groups[-1][0]]:
+            groups[-1].append(i)
+        elif L[i] < (1 - fall) * L[0]:
+            groups.append([i])
+    return [0] + [min(grp, key=lambda i: g[i]) for grp in groups] + [len(g) - 1]
 
 
 # ------------------------------------------------------------------ runs

@@ -127,7 +127,7 @@ def test_narrow_fixed_point_from_the_teacher_rays_is_the_teacher(teacher3):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_default_teachers_have_one_basin_per_unit(k):
-    rs.check_teacher(rs.make_teacher(k))
+    rs.check_teacher(rs.default_teacher(k))
 
 
 def test_teachers_whose_basins_merge_are_refused():
@@ -135,7 +135,7 @@ def test_teachers_whose_basins_merge_are_refused():
         rs.check_teacher(rs.make_teacher([[[1, 0, 0], 1.0], [[0, 1, 0], 0.8]]))
 
 
-@pytest.mark.parametrize("bad", [0, 5, True, "3", [[[1, 0], 0.0]], [[[1, 0], 1.0], [[2, 0], 0.5]],
+@pytest.mark.parametrize("bad", [0, 4, 5, True, "3", [[[1, 0], 0.0]], [[[1, 0], 1.0], [[2, 0], 0.5]],
                                  [[[1, 0], 1.0], [[0, 1], 0.5], [[1, 1], 0.2]]])
 def test_bad_teachers_are_refused(bad):
     with pytest.raises(ParameterError, match="teacher_units"):

@@ -158,7 +158,7 @@ def default_teacher(n_units: int, dim: int | None = None, patches: int = 1) -> T
     return Teacher(tuple(tuple(map(float, w)) for w in W), amps[:n_units], Inputs(dim, patches))
 
 
-TEACHER_RULE = ("must be a number of units in 1..4 or a list of [direction, amplitude] pairs "
+TEACHER_RULE = ("must be a number of units in 1..3 or a list of [direction, amplitude] pairs "
                 "(direction: input_dim numbers, not zero; amplitude: a number, not zero) with "
                 "linearly independent directions, at most input_dim of them")
 
@@ -173,7 +173,13 @@ def make_teacher(teacher_units, input_dim: int | None = None, patches: int = 1) 
     if isinstance(teacher_units, bool):
         raise ParameterError("teacher_units", teacher_units, TEACHER_RULE)
     if isinstance(teacher_units, int):
-        if not 1 <= teacher_units <= 4:
+        if teacher_units == 4:
+            # measured, not derived: the built-in four-unit teacher has one basin per unit, but after
+            # its first ray is learned the other three grow at nearly one rate and arrive in one drop
+            raise ParameterError("teacher_units", teacher_units, TEACHER_RULE + "; the built-in four-unit "
+                                 "teacher is not offered: its last three stages merge into one drop at every "
+                                 "scale tried (down to eps = 1e-11)")
+        if not 1 <= teacher_units <= 3:
             raise ParameterError("teacher_units", teacher_units, TEACHER_RULE)
         dim = input_dim or max(2, teacher_units)
         if dim < max(2, teacher_units):

@@ -120,7 +120,6 @@ def test_narrow_fixed_point_from_the_teacher_rays_is_the_teacher(teacher3):
     assert loss < 1e-12 * teacher3.energy() and len(found) == 3
     # one ray started off the teacher converges to a fixed point of one unit, with a loss well above 0
     loss1, found1 = rs.narrow_fixed_point(teacher3, [rs.Ray((0.9, 0.3, 0.1), 0.8, 1)])
-    p = rs.SphereProblem(teacher3, 1)
     assert loss1 > 0.1 * 0.5 * teacher3.energy()
     assert len(found1) == 1
 

@@ -398,10 +398,6 @@ class Trajectories:
         keep = self.saved[b]
         return self.ts[keep], self.thetas[b][torch.as_tensor(keep)], self.loss[b][keep], self.grad_norm[b][keep]
 
-    def plateaus(self, b: int) -> list[int]:
-        _, _, L, g = self.run(b)
-        return plateau_indices(g, L)
-
 
 def simulate(problem: SphereProblem, eps_values: Sequence[float], seeds: Sequence[int], t_max: float,
              n_save: int = 1500, stop_fraction: float = 1e-4, escape_fraction: float = 0.01,

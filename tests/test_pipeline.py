@@ -240,7 +240,10 @@ def test_staging_uses_executed_notebooks_and_generates_pages(shared, tmp_path):
     rerun = (dest / "appendix" / "rerunning.md").read_text()
     assert "| `scale` | `1.0` | amplitude of the curve (> 0) |" in rerun
     api = (dest / "appendix" / "api.md").read_text()
-    assert ".. automodule:: saddle_escape.book" in api and "__main__" not in api
+    assert ".. automodule:: saddle_escape\n" in api and "automodule:: saddle_escape.sim" not in api
+    book_api = (dest / "appendix" / "api_book.md").read_text()    # one page per room
+    assert ".. automodule:: saddle_escape.book.pipeline" in book_api and "__main__" not in book_api
+    assert "automodule:: saddle_escape.sim" not in book_api
     assert (dest / "figures" / "99_fixture" / "line.png").is_file()
 
 

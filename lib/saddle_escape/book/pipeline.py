@@ -47,8 +47,7 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python
 JUPYTER_BOOK = "from jupyter_book.cli.main import main; main()"
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.M)
 EXCLUDED_MODULES = {"__main__"}
-ROOMS = {"sim": "Simulation engine", "studies": "Studies (one module per chapter's experiment)",
-         "book": "Book machinery"}
+ROOMS = ("sim", "studies", "book")   # the package's three rooms: one API page each
 
 
 class PipelineError(Exception):
@@ -579,6 +578,7 @@ def stage_book(project: Project, chapters: list[str], out: Path, dest: Path) -> 
         "claims-ledger": lambda: claims_ledger(chapters, out / "results"),
         "parameter-tables": lambda: parameter_tables(project, chapters),
         "api-modules": lambda: api_modules(project.package_dir),
+        **{f"api-{room}": (lambda room=room: api_modules(project.package_dir, room)) for room in ROOMS},
     }
     for doc in _toc_files(toc):
         if doc.startswith("chapters/"):
@@ -847,24 +847,23 @@ def parameter_tables(project: Project, chapters: list[str]) -> str:
     return "\n".join(parts)
 
 
-def api_modules(package_dir: Path) -> str:
-    """Markdown: an autodoc section for the package and each of its modules."""
+def api_modules(package_dir: Path, room: str | None = None) -> str:
+    """Markdown: an autodoc section for the package (``room=None``), or for one room (``"sim"``,
+    ``"studies"``, ``"book"``) and each of its modules -- one page per room, so no page runs to
+    tens of thousands of pixels."""
     package = package_dir.name
-    modules = []
-    for path in package_dir.rglob("*.py"):
-        parts = path.relative_to(package_dir).with_suffix("").parts
-        parts = parts[:-1] if parts[-1] == "__init__" else parts
-        if parts and "__pycache__" not in parts and parts[-1] not in EXCLUDED_MODULES:
-            modules.append(".".join(parts))
-    modules.sort()
 
-    def section(module: str, level: str = "###") -> str:
+    def section(module: str, level: str = "##") -> str:
         name = f"{package}.{module}" if module else package
         return (f"{level} `{name}`\n\n```{{eval-rst}}\n.. automodule:: {name}\n"
                 f"   :members:\n   :show-inheritance:\n```\n")
 
-    text = [section("", "##")]
-    for room, title in ROOMS.items():
-        inside = [m for m in modules if m.split(".")[0] == room and m != room]
-        text += [f"## {title}\n", section(room, "###")] + [section(m, "####") for m in inside]
-    return "\n".join(text)
+    if room is None:
+        return section("")
+    modules = []
+    for path in (package_dir / room).rglob("*.py"):
+        parts = path.relative_to(package_dir).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if "__pycache__" not in parts and parts[-1] not in EXCLUDED_MODULES and len(parts) > 1:
+            modules.append(".".join(parts))
+    return "\n".join([section(room)] + [section(m, "###") for m in sorted(modules)])

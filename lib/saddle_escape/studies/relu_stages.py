@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..sim import counts
 from ..sim.data import DTYPE
 from ..sim.errors import ParameterError
 from ..sim.integrate import Event, GradientFlow, ODETerm, PIController, SaveAt, solve
@@ -330,12 +331,12 @@ def kink_lines(problem: SphereProblem, theta: torch.Tensor, rel: float = 0.05, n
     """
     d = problem.inputs.dim
     bar = 0.5 * rel * problem.target_rms() / math.sqrt(problem.inputs.unit_energy())
-    phi = torch.arange(n_grid, dtype=DTYPE) * (2 * PI / n_grid)
+    _, circle = counts.circle_inputs(n_grid)
     h = 2 * PI / n_grid
     gap = max(1, int(math.ceil(math.acos(cos) / h)))
     best = [0] * theta.shape[0]
     for pq in great_circles(d):
-        x = torch.stack([phi.cos(), phi.sin()], -1) @ pq
+        x = circle @ pq
         f = problem.model.forward(theta, x)[..., 0]                               # (B, n)
         slope = (torch.roll(f, -1, dims=-1) - f) / h
         big = (slope - torch.roll(slope, 1, dims=-1)).abs() > bar
@@ -541,6 +542,13 @@ def early_flow(teacher: Teacher, Z0: np.ndarray, signs: np.ndarray, t_max: float
     return ts.numpy(), ys[:, :H * d].reshape(-1, H, d), ys[:, H * d:]
 
 
+def time_horizon(teacher: Teacher, eps_min: float) -> float:
+    """A generous ``t_max`` for runs down to `eps_min`: four times the time the slowest basin's
+    cluster needs to grow by ``1/eps_min`` at its initial rate (runs stop once they have learned)."""
+    rates = [abs(float(teacher.correlation(torch.tensor(z)))) for z in basins(teacher)]
+    return 4 * math.log(1 / eps_min) / min(rates)
+
+
 def _alignment_time(teacher: Teacher) -> float:
     """A time by which the early flow has settled: 40 over the teacher's smallest curvature scale."""
     return 40.0 / (min(abs(a) for a in teacher.amplitudes) * teacher.inputs.unit_energy())
@@ -680,8 +688,8 @@ def sky(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def on_great_circle(problem: SphereProblem, theta: torch.Tensor, n_grid: int = 720) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The angle grid, the network's function (B, n) and the teacher's (n,) along the first of
     :func:`great_circles`: what :func:`kink_lines` counts on."""
-    phi = torch.arange(n_grid, dtype=DTYPE) * (2 * PI / n_grid)
-    x = torch.stack([phi.cos(), phi.sin()], -1) @ great_circles(problem.inputs.dim)[0]
+    phi, circle = counts.circle_inputs(n_grid)
+    x = circle @ great_circles(problem.inputs.dim)[0]
     return phi.numpy(), problem.model.forward(theta, x)[..., 0].numpy(), problem.teacher(x)[:, 0].numpy()
 
 

@@ -200,3 +200,43 @@ def test_censored_runs_are_visible(problem):
     W = lambda th: (lambda V, U: V.transpose(-1, -2) @ U)(*model.unflatten(th))  # noqa: E731
     short = LS.run_generic(flow, W, problem, theta0, [5.0], [1e-6], [0], 3, n_save=20)
     assert np.isinf(short.drop_times).all()
+
+
+def test_depth_three_mode_rule():
+    assert LS.deep_modes(LS.power_law_spectrum(4, 1.0)) == 4           # ratios 1/2, 2/3, 3/4
+    assert LS.deep_modes(LS.power_law_spectrum(6, 1.0)) == 4           # 4/5 > 0.75 stops it anyway
+    assert LS.deep_modes(LS.power_law_spectrum(4, 0.6)) == 2           # (2/3)^0.6 = 0.78 > 0.75
+    assert LS.deep_modes([1.0, 0.9]) == 1
+    prob = LS.whitened_problem(6, 4, 1.0, 0)
+    cut = LS.truncated(prob, 2)
+    assert torch.allclose(cut.s, prob.s[:2]) and cut.K == 2
+    assert abs(float(cut.levels[0] - cut.levels[2]) - float((prob.s[:2] ** 2).sum()) / 2) < 1e-12
+
+
+def _deep_ranks(width, eps, seeds):
+    prob = LS.truncated(LS.whitened_problem(6, 4, 1.0, 0), 4)
+    net, th = LS.deep_setup(prob, width, eps, seeds)
+    t1 = 3 / (math.sqrt(width) * float(prob.s[-1]) * eps)
+    runs = LS.run_generic(LS.deep_flow(net, prob), LS.deep_map(net), prob, th, np.full(len(seeds), t1),
+                          [eps] * len(seeds), seeds, width, rtol=1e-5, n_save=200)
+    return LS.plateaus(runs, prob).rank
+
+
+def test_depth_three_staircase_holds_by_the_rule_and_fails_at_width_8():
+    # the chapter's rule (width 32, 0.2 of the bound) steps 0..4 on eight seeds; at width 8 the
+    # prefactors c_k scatter by ~50% and some seed merges or swaps two stages (5 of 8 passed)
+    seeds = list(range(8))
+    s = LS.power_law_spectrum(4, 1.0)
+    good = _deep_ranks(32, 0.2 * LS.deep_eps_bound(s, 32), seeds)
+    assert (good == np.arange(5)).all()
+    bad = _deep_ranks(8, 0.025, seeds)
+    assert not (bad == np.arange(5)).all()
+
+
+def test_digits_staircase_needs_the_extra_decade():
+    # pair (3, 8): at eps^g = 1e-2 seed 1's second plateau point lies inside the next drop (rank 3)
+    dig = LS.digits_problem([3, 8], 4)
+    ranks = lambda sep: LS.plateaus(LS.run_digits(dig, 3, 8, [0, 1], separation=sep, rtol=1e-5, n_save=200),  # noqa: E731
+                                    dig, level_tol=0.5).rank[:, :4]
+    assert (ranks(1e-3) == np.arange(4)).all()
+    assert not (ranks(1e-2) == np.arange(4)).all()

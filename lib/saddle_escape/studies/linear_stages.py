@@ -133,6 +133,26 @@ def digits_problem(digits=(0, 1), stages: int = 4) -> Problem:
     return problem_from_data(D.Dataset(x, t, torch.full((n,), 1.0 / n, dtype=D.DTYPE)), stages)
 
 
+def run_digits(problem: Problem, stages: int, width: int, seeds, separation: float = 1e-3, rtol: float = 1e-6,
+               n_save: int = 800) -> "Runs":
+    """A linear FC net on the digits problem from ``eps`` with ``eps^g = separation`` (``g`` the
+    smallest relative gap of the first ``stages + 1`` growth rates, the singular values of
+    ``Sigma_yx``), one run per seed, ending when the loss crosses its last drop level.
+
+    Unwhitened inputs keep the directions of small input variance learning on a tread, so the
+    gradient is smallest late on it: 1e-3, a decade more than the whitened problem needs (at 1e-2
+    one seed of the pair (3, 8) puts its second plateau point inside the next drop)."""
+    rates = torch.linalg.svdvals(problem.moments.syx)[:stages + 1]
+    eps = separation ** (1 / separation_gap(rates))
+    d, m = problem.moments.sxx.shape[0], problem.moments.syx.shape[0]
+    model = TwoLayer.build("linear", d, width, m)
+    theta0 = model.init(eps, list(seeds))
+    W = lambda th: (lambda V, U: V.transpose(-1, -2) @ U)(*model.unflatten(th))  # noqa: E731
+    t1 = 3 * math.log(1 / eps) / float(rates[stages - 1])
+    return run_generic(saxe.linear_flow(model, problem.moments), W, problem, theta0, np.full(len(seeds), t1),
+                       [eps] * len(seeds), seeds, width, rtol=rtol, n_save=n_save, stop_at_last_drop=True)
+
+
 def conv_problem(kernel: int, positions: int, kappa: float, seed: int) -> tuple[TwoLayer, Problem, torch.Tensor]:
     """A linear convolution teacher on whitened signals of ``positions * kernel`` numbers cut
     into disjoint patches (stride = kernel), scalar output per signal: ``f(x) = sum_j M_j . p_j(x)``
@@ -398,6 +418,41 @@ def saddle_hessian_min(model: TwoLayer, problem: Problem, theta: torch.Tensor) -
     """Smallest eigenvalue of the loss Hessian at each of the parameter vectors ``theta`` (B, P)."""
     Hs = model.hessian(theta, problem.data)
     return torch.linalg.eigvalsh(Hs)[:, 0]
+
+
+# A depth-3 stage k escapes at t_k = c_k / (s_k eps) with c_k set by the random initial weights
+# (about +-8% scatter at width 32 on this page's measurements, +-50% at width 8): unlike depth 2,
+# a smaller eps does not separate two stages further, only a larger ratio s_k / s_(k+1) does.
+DEEP_MAX_RATIO = 0.75     # neighbouring modes the depth-3 net learns: s_(k+1) / s_k <= 0.75
+DEEP_MAX_MODES = 4        # and at most four of them (the last plateau lasts ~ 1/(s_K eps))
+
+
+def deep_modes(s) -> int:
+    """How many leading modes of the spectrum ``s`` the depth-3 experiment learns: the longest run
+    whose neighbours differ by at least ``1/DEEP_MAX_RATIO`` (a 33% margin over the scatter of
+    the prefactors ``c_k``), at most ``DEEP_MAX_MODES``, at least one."""
+    s = np.asarray(s, dtype=float)
+    n = 1
+    while n < min(len(s), DEEP_MAX_MODES) and s[n] / s[n - 1] <= DEEP_MAX_RATIO:
+        n += 1
+    return n
+
+
+def truncated(problem: Problem, n: int) -> Problem:
+    """The whitened problem whose teacher keeps only the first ``n`` modes of ``problem``'s."""
+    T = (problem.a[:, :n] * problem.s[:n]) @ problem.b[:, :n].T
+    return problem_from_data(saxe.whitened_teacher_data(T), n)
+
+
+def deep_eps_bound(s, width: int) -> float:
+    """Largest initial scale at which every depth-3 plateau is reached: a chain starting at
+    ``u0 ~ (eps sqrt(H))^3`` has grown to ``~ (eps sqrt(H) / g)^3`` when the previous stage is
+    learned (``g`` the smallest relative gap), which must stay small against ``s_K``. Returns
+    ``g s_K^(1/3) / sqrt(H)`` (with ``s_1 = 1``); the chapter's default is 0.2 of it, so the leftover
+    is ``0.2^3 ~ 1%`` of ``s_K``."""
+    s = np.asarray(s, dtype=float) / float(s[0])
+    gap = separation_gap(s) if len(s) > 1 else 1.0
+    return gap * float(s[-1]) ** (1 / 3) / math.sqrt(width)
 
 
 def deep_setup(problem: Problem, width: int, eps: float, seeds) -> tuple[MLP, torch.Tensor]:

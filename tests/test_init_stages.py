@@ -122,3 +122,41 @@ def test_expected_minimum_and_a_width_independent_input_fails():
     predicted = np.array([st.expected_minimum(x, H) for H in (4, 16)])
     flat = np.full(2, predicted[0])              # plateaus that do not shorten with width
     assert np.abs(flat / predicted - 1).max() > 0.05
+
+
+def test_stiff_sweep_agrees_with_the_explicit_batch_and_fits_every_drop():
+    prob = st.Quadratic.build([2.0, -1.5, 1.0], 6, 0)
+    explicit = st.run_sweep(prob, [0.05], [1], plateaus=False)
+    stiff = st.stiff_sweep(prob, [0.05], [1])
+    np.testing.assert_allclose(stiff.drops, explicit.drops, rtol=1e-6)
+    sw = st.stiff_sweep(prob, [1e-2, 1e-3, 1e-4, 1e-5], [1])
+    assert np.isfinite(sw.drops).all() and sw.drops.shape[1] == 3
+    for k in range(3):
+        assert fits.power_law(sw.eps, sw.drops[:, k]).slope == pytest.approx(-1.0, abs=0.02)
+    # wrong: later plateaus of the data-induced kind, ln(1/eps)/s long after an eps^-1 first escape
+    t_wrong = sw.drops[:, 0] + 5.0 * np.log(1 / sw.eps)
+    assert abs(fits.power_law(sw.eps, t_wrong).slope + 1) > 0.02
+    # every plateau of every eps is at its derived loss, one more unit per drop
+    plats = st.plateaus(prob, sw)
+    assert [p.count for p in plats] == [p.k for p in plats]
+    assert max(abs(p.loss / p.derived - 1) for p in plats) < 1e-3
+
+
+def test_attention_plateau_is_the_stationary_point_the_heads_grow_into():
+    prob = st.Attention.build(4, 31, 1000, 6, 0)
+    sw = st.stiff_sweep(prob, [1e-3], [1])
+    first = st.plateaus(prob, sw)[0]
+    assert first.count == 1 and first.visited == (1,)
+    assert first.loss == pytest.approx(prob.plateau_loss(1), rel=1e-3)
+    # wrong: the global best of one head (lower than the visited stationary point at D = 4)
+    assert abs(first.loss / prob.best_loss(1) - 1) > 0.01
+
+
+def test_split_heads_add_a_head_but_not_a_direction(attention):
+    V, U = attention.model.unflatten(attention.model.init(0.5, [2]))
+    U[0, 1] = 0.7 * U[0, 0]                       # head 1 a proportional copy of head 0
+    V[0, 2], U[0, 2] = 0.0, 0.0                   # head 2 off
+    theta = attention.model.flatten(V, U)[0]
+    active = torch.tensor([True, True, False])
+    assert attention.directions(theta, active) == 1
+    assert int(active.sum()) == 2                 # counted as heads, the split is two

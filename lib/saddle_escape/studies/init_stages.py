@@ -86,7 +86,7 @@ class Quadratic(Problem):
 
     def M(self, theta):
         V, U = self.model.unflatten(theta)
-        return torch.einsum("...h,...hi,...hj->...ij", V[..., 0], U, U)
+        return (U * V).transpose(-1, -2) @ U          # sum_i v_i u_i u_i^T (a matmul: einsum is slower here)
 
     def loss(self, theta):
         """Exact population loss ``1/2 E (y - f)^2`` (Gaussian fourth moments)."""
@@ -101,7 +101,7 @@ class Quadratic(Problem):
         V, U = self.model.unflatten(theta)
         v = V[..., 0]
         A = torch.as_tensor(self.A, dtype=theta.dtype, device=theta.device)
-        M = torch.einsum("...h,...hi,...hj->...ij", v, U, U)
+        M = (U * v[..., None]).transpose(-1, -2) @ U
         tr = M.diagonal(dim1=-2, dim2=-1).sum(-1)
         G = 2 * (M - A) + tr[..., None, None] * torch.eye(A.shape[0], dtype=theta.dtype, device=theta.device)
         GU = U @ G
@@ -110,6 +110,20 @@ class Quadratic(Problem):
     def sizes(self, theta):
         V, U = self.model.unflatten(theta)
         return V[..., 0].abs() * (U * U).sum(-1)
+
+    def grad_np(self, theta: np.ndarray) -> np.ndarray:
+        """:meth:`grad` of one run in numpy (``theta`` (P,)): the stiff solver calls it thousands of
+        times on a few dozen numbers, where torch's per-call overhead would dominate."""
+        H, D = self.model.width, self.model.input_dim
+        v, U = theta[:H], theta[H:].reshape(H, D)
+        M = (U.T * v) @ U
+        G = 2 * (M - self.A) + np.trace(M) * np.eye(D)
+        GU = U @ G
+        return np.concatenate([(GU * U).sum(1), (2 * v[:, None] * GU).ravel()])
+
+    def sizes_np(self, theta: np.ndarray) -> np.ndarray:
+        H = self.model.width
+        return np.abs(theta[:H]) * (theta[H:].reshape(H, -1) ** 2).sum(1)
 
     def count_inputs(self):
         return torch.randn(512, self.model.input_dim, generator=torch.Generator().manual_seed(7), dtype=DTYPE)
@@ -183,7 +197,7 @@ class Attention(Problem):
     def W(self, theta):
         V, U = self.model.unflatten(theta)
         D = self.model.input_dim
-        return torch.einsum("...h,...hi,...hj->...ij", V[..., 0], U[..., :D], U[..., D:])
+        return (U[..., :D] * V).transpose(-1, -2) @ U[..., D:]   # sum_i v_i k_i q_i^T
 
     def loss(self, theta):
         """Training-set loss ``1/2 mean (y - beta^T W x_q)^2`` as a quadratic form in ``W``."""
@@ -207,6 +221,32 @@ class Attention(Problem):
         V, U = self.model.unflatten(theta)
         D = self.model.input_dim
         return V[..., 0].abs() * U[..., :D].norm(dim=-1) * U[..., D:].norm(dim=-1)
+
+    def grad_np(self, theta: np.ndarray) -> np.ndarray:
+        """:meth:`grad` of one run in numpy (``theta`` (P,)), for the stiff solver."""
+        if not hasattr(self, "_Knp"):
+            self._Knp, self._bnp = self.K.numpy(), self.b.numpy()
+        H, D = self.model.width, self.model.input_dim
+        v, U = theta[:H], theta[H:].reshape(H, 2 * D)
+        k, q = U[:, :D], U[:, D:]
+        G = (self._Knp @ ((k.T * v) @ q).ravel() - self._bnp).reshape(D, D)
+        Gq, Gk = q @ G.T, k @ G
+        return np.concatenate([(k * Gq).sum(1), np.concatenate([v[:, None] * Gq, v[:, None] * Gk], 1).ravel()])
+
+    def sizes_np(self, theta: np.ndarray) -> np.ndarray:
+        H, D = self.model.width, self.model.input_dim
+        U = theta[H:].reshape(H, 2 * D)
+        return np.abs(theta[:H]) * np.linalg.norm(U[:, :D], axis=1) * np.linalg.norm(U[:, D:], axis=1)
+
+    def directions(self, theta: torch.Tensor, active: torch.Tensor, rel: float = 0.05) -> int:
+        """How many distinct directions the active heads realise: the rank of their ``W`` at a
+        threshold ``rel`` relative to its largest singular value. Heads that grew together along one
+        direction (split copies, Theorem 1's kind 1) add a head but not a direction."""
+        V, U = self.model.unflatten(theta[None])
+        D = self.model.input_dim
+        v, k, q = V[0, active, 0], U[0, active, :D], U[0, active, D:]
+        s = torch.linalg.svdvals((k.T * v) @ q)
+        return int((s > rel * s[0]).sum()) if len(s) else 0
 
     def count_inputs(self):
         return self.data.x
@@ -232,6 +272,15 @@ class Attention(Problem):
             w = (Kk @ Q.T).flatten()
             best = min(best, float(0.5 * self.y2 - w @ self.b + 0.5 * w @ self.K @ w))
         return best
+
+    def plateau_loss(self, rank: int) -> float:
+        """Loss of the rank-``rank`` stationary point that the heads reach: near the origin they
+        grow along the top singular pairs of ``B = E[y beta x_q^T]`` (the extreme eigenvectors of
+        ``S``), and the plateau is the fixed point of ``rank`` heads continued from there --
+        alternating least squares started from those singular vectors (the first start of
+        :meth:`best_loss`). It need not be the global best of ``rank`` heads: with the default
+        token spectrum at D = 4 the rank-one plateau lies 1.5% above it."""
+        return self.best_loss(rank, restarts=1)
 
     def hessian(self, theta):
         one = lambda th: self.loss(th.unsqueeze(0)).squeeze(0)  # noqa: E731
@@ -481,6 +530,67 @@ def run_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, tau_max
     return Sweep(problem, run_seeds, run_eps, theta0, thr, drops, mid, sol)
 
 
+def stiff_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, n_drops: int | None = None,
+                rtol: float = 1e-9, atol: float = 1e-12, tau_max: float | None = None,
+                method: str = "LSODA") -> Sweep:
+    """Every drop of every (seed, eps) run, with an implicit integrator: what :func:`run_sweep` does,
+    for any eps.
+
+    Why implicit: once a unit has learned it sits at a stable minimum of its manifold and relaxes
+    at a rate of order one in ``t``, i.e. ``1/eps`` in ``tau = eps t``, while the next drop waits
+    ``Theta(1)`` in ``tau``. An explicit method must resolve the fast rate (``~1/eps`` steps per
+    plateau); LSODA (scipy's ``solve_ivp``; it switches to BDF, which is stable for any step,
+    when the problem turns stiff) steps over it at the accuracy of the slow motion, so the cost
+    barely depends on eps and later drops can be swept over decades (measured: drop times agree
+    with :func:`run_sweep` and with Radau IIA to 1e-8 relative). Same variables as
+    :class:`ScaledFlow` (``w = theta / eps``), the same drop events (the k-th largest unit size
+    crossing the threshold upwards), the plateau middles from the dense output. Runs are
+    integrated one by one (the system is a few dozen numbers; ``method`` picks another scipy
+    solver, e.g. ``"Radau"``)."""
+    from scipy.integrate import solve_ivp
+    eps = np.asarray(eps, float)
+    seeds = np.asarray(seeds)
+    run_seeds = np.repeat(seeds, len(eps))
+    run_eps = np.tile(eps, len(seeds))
+    theta0 = problem.model.init(torch.as_tensor(run_eps), run_seeds.tolist())
+    K = n_drops or min(problem.model.width, problem.n_stages)
+    thr = rel_threshold * problem.size_scale
+    if tau_max is None:   # 100 times the slowest first escape the decoupled system predicts
+        pred = predict_units(problem, theta0 / torch.as_tensor(run_eps)[:, None], thr)
+        tau_max = 100.0 * float(np.nanmax(pred.blowup.min(1)))
+    B = len(run_eps)
+    taus = np.full((B, K), np.nan)
+    mid = torch.full((B, K, problem.model.n_params), math.nan, dtype=DTYPE)
+    for b in range(B):
+        e = float(run_eps[b])
+
+        def rhs(tau, w, e=e):
+            return -problem.grad_np(e * w) / (e * e)
+
+        def event(k):
+            def g(tau, w, e=e):
+                return np.sort(problem.sizes_np(e * w))[::-1][k] - thr
+            g.direction, g.terminal = 1, k == K - 1
+            return g
+
+        sol = solve_ivp(rhs, (0.0, tau_max), theta0[b].numpy() / e, method=method, rtol=rtol, atol=atol,
+                        events=[event(k) for k in range(K)], dense_output=True)
+        for k, te in enumerate(sol.t_events):
+            if len(te):
+                taus[b, k] = te[0]
+        ends = np.append(taus[b, 1:], np.nan)
+        starts = np.concatenate([[0.0], taus[b, :-1]])
+        half = np.where(np.isfinite(ends), 0.5 * (ends - taus[b]), 0.5 * (taus[b] - starts))
+        for k in range(K):
+            t_mid = taus[b, k] + half[k]
+            if np.isfinite(t_mid) and t_mid <= sol.t[-1]:
+                mid[b, k] = torch.as_tensor(e * sol.sol(t_mid))
+            elif np.isfinite(t_mid) and k == K - 1:      # after the terminal event: integrate on
+                more = solve_ivp(rhs, (sol.t[-1], t_mid), sol.y[:, -1], method=method, rtol=rtol, atol=atol)
+                mid[b, k] = torch.as_tensor(e * more.y[:, -1])
+    return Sweep(problem, run_seeds, run_eps, theta0, thr, taus / run_eps[:, None], mid)
+
+
 def _last_value(fn):
     from ..sim.integrate import last_value_cache
     return last_value_cache(fn)
@@ -550,8 +660,9 @@ class Plateau:
 
 def plateaus(problem: Problem, sw: Sweep, rel: float = 0.05) -> list[Plateau]:
     """Measured loss and active-unit count in the middle of every plateau of a staircase sweep,
-    with the derived best loss of the units actually active there (quadratic: of the teacher
-    eigen-directions they use; attention: of that many heads)."""
+    with the derived loss of the units actually active there (quadratic: the best loss on the
+    teacher eigen-directions they use; attention: the stationary point of as many heads as the
+    active heads realise directions, :meth:`Attention.plateau_loss`)."""
     out = []
     x = problem.count_inputs()
     best_rank = {}
@@ -570,10 +681,10 @@ def plateaus(problem: Problem, sw: Sweep, rel: float = 0.05) -> list[Plateau]:
                 visited = tuple(sorted(problem.learned_directions(theta[k], active)))
                 derived = problem.best_loss(visited)
             else:
-                m = int(active.sum())
+                m = problem.directions(theta[k], active, rel)
                 visited = (m,)
                 if m not in best_rank:
-                    best_rank[m] = problem.best_loss(m)
+                    best_rank[m] = problem.plateau_loss(m)
                 derived = best_rank[m]
             out.append(Plateau(int(sw.seeds[b]), float(sw.eps[b]), k + 1, float(L[j]), int(active_count[j]),
                                derived, visited))
@@ -639,10 +750,17 @@ def width_effect(problem: Problem, widths, eps: float, n_seeds: int, n_reference
     return WidthEffect(list(widths), np.array(meas), np.array(sem), np.array(pred), per)
 
 
-def trajectories(problem: Problem, eps, seed: int, tau_end: float, n_save: int = 1200):
-    """Loss and unit sizes of one seed at several eps on a shared grid of ``tau = eps t``."""
+def trajectories(problem: Problem, eps, seed: int, tau_end: float, n_save: int = 1200, rtol: float = 1e-9):
+    """Loss and unit sizes of one seed at several eps on a shared grid of ``tau = eps t``
+    (integrated like :func:`stiff_sweep`): ``ts``, loss (n_eps, n_save), sizes (n_eps, n_save, H)."""
+    from scipy.integrate import solve_ivp
     ts = np.linspace(0.0, tau_end, n_save)
-    fn = lambda theta: torch.cat([problem.loss(theta)[:, None], problem.sizes(theta)], -1)  # noqa: E731
-    sw = run_sweep(problem, eps, [seed], n_drops=1, tau_max=tau_end, save_ts=ts, save_fn=fn, plateaus=False)
-    ys = sw.solution.ys.numpy()
-    return ts, ys[..., 0], ys[..., 1:], sw
+    theta0 = problem.model.init(torch.as_tensor(np.asarray(eps, float)), [seed] * len(eps))
+    loss, sizes = [], []
+    for b, e in enumerate(eps):
+        sol = solve_ivp(lambda tau, w, e=e: -problem.grad_np(e * w) / (e * e), (0.0, tau_end),
+                        theta0[b].numpy() / e, method="LSODA", rtol=rtol, atol=1e-12, t_eval=ts)
+        theta = torch.as_tensor(e * sol.y.T)
+        loss.append(problem.loss(theta).numpy())
+        sizes.append(problem.sizes(theta).numpy())
+    return ts, np.array(loss), np.array(sizes), None

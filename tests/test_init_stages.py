@@ -160,3 +160,25 @@ def test_split_heads_add_a_head_but_not_a_direction(attention):
     active = torch.tensor([True, True, False])
     assert attention.directions(theta, active) == 1
     assert int(active.sum()) == 2                 # counted as heads, the split is two
+
+
+def _increment_fit(sw, k=0):
+    e, d, g = st.drop_increments(sw, k)
+    return fits.power_law(e, d, groups=g)
+
+
+def test_drop_increments_remove_the_escape_duration_and_a_log_law_still_fails():
+    eps = np.array([1e-2, 1e-3, 1e-4, 1e-5] * 2)
+    seeds = np.repeat([1, 2], 4)
+    T, C = np.where(seeds == 1, 1.3, 2.9), 300.0         # C: a slow direction's O(1) escape duration
+    sw = st.Sweep(QUAD, seeds, eps, None, 0.1, (T / eps + C)[:, None], None)
+    assert abs(fits.power_law(eps, sw.drops[:, 0], groups=seeds).slope + 1) > 0.02   # the bent raw fit
+    assert _increment_fit(sw).slope == pytest.approx(-1.0, abs=1e-9)
+    # wrong: a plateau that grows like ln(1/eps)/eps (not the 1/eps law) fails on increments too
+    sw.drops = (T * np.log(1 / eps) / eps)[:, None]
+    assert abs(_increment_fit(sw).slope + 1) > 0.02
+
+
+def test_spectral_ratio_and_the_default_eps_rule():
+    assert st.spectral_ratio(QUAD) == pytest.approx(0.5)
+    assert st.spectral_ratio(st.Quadratic.build([3.0, -1.0, -2.0, 0.5], 2, 0)) == pytest.approx(0.5 / 3)

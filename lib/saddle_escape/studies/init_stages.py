@@ -628,6 +628,34 @@ def predicted_first(pred: Decoupled) -> np.ndarray:
     return pred.reach.min(1)
 
 
+def drop_increments(sw: Sweep, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``t_k(eps_i) - t_k(eps_(i-1))`` between consecutive eps of each seed (eps decreasing), with
+    the smaller eps and the seed: ``(eps, increments, seeds)`` for :func:`~saddle_escape.sim.fits.power_law`.
+
+    Why increments: drop k comes at ``t_k = T_k / eps + C_k + o(1)``, the constant ``C_k`` being the
+    O(1) duration of the escapes before it (it grows like 1/sigma for a slowly growing direction
+    and can be hundreds of time units). A power law fitted to ``t_k`` itself then bends at the
+    large-eps end; the increment ``T_k (1/eps_i - 1/eps_(i-1))`` is a pure power law, exponent -1,
+    with ``C_k`` gone. Pairs with a missing drop are left out (they are counted as censored)."""
+    xs, ys, gs = [], [], []
+    for seed in np.unique(sw.seeds):
+        r = np.flatnonzero(sw.seeds == seed)
+        r = r[np.argsort(-sw.eps[r])]
+        t = sw.drops[r, k]
+        d = np.diff(t)
+        ok = np.isfinite(d)
+        xs.append(sw.eps[r][1:][ok]); ys.append(d[ok]); gs.append(np.full(ok.sum(), seed))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
+
+
+def spectral_ratio(problem: Problem) -> float:
+    """Smallest over largest ``|eigenvalue|`` of ``S`` (zeros left out): how much slower the slowest
+    direction is learned than the fastest."""
+    a = np.abs(np.linalg.eigvalsh(problem.S))
+    a = a[a > 1e-12 * a.max()]
+    return float(a.min() / a.max())
+
+
 def relative_errors(measured, predicted) -> np.ndarray:
     return np.asarray(measured, float) / np.asarray(predicted, float) - 1.0
 

@@ -1,9 +1,12 @@
 """Fast checks of lib/saddle_escape/studies/manifold.py."""
+import math
+
 import pytest
 import torch
 
 from saddle_escape.sim import data, networks, reduced
 from saddle_escape.studies import manifold
+from saddle_escape.sim.errors import ParameterError
 
 
 def _setup(depth=3, width=4, d=3):
@@ -72,3 +75,27 @@ def test_balance_check_drift_and_estimate():
     assert bound is None and z_p > 0                        # class A: no estimate is claimed
     tanh = reduced.ScalarChain("tanh", 3, data.ScalarTeacher(1.0, 0.0))
     assert manifold.balance_check(tanh, X, 4)[1] > 0
+
+
+@pytest.mark.parametrize("activation, kappa", [("tanh", 1.0), ("relu", 0.5), ("gelu", 0.125), ("erf", (2 / math.pi ** 0.5) ** 3)])
+def test_plateau_rate_factor(activation, kappa):
+    # kappa_1 beta_1^(L-2) at L = 4: ReLU passes half of g, GELU's slope at 0 is 1/2 in every layer
+    chain = reduced.ScalarChain(activation, 4, data.ScalarTeacher(1.0, 0.0), width=4)
+    assert abs(manifold.plateau_rate_factor(chain) - kappa) < 1e-6
+
+
+def test_chapter04_refuses_a_horizon_without_the_escape(tmp_path):
+    # ReLU's plateau lasts twice tanh's: with tanh's quick horizon the chain never escapes, and the
+    # phase claims would be measured on a plateau that never ends
+    import jupytext
+    from pathlib import Path
+    nb = jupytext.read(Path(__file__).resolve().parents[1] / "chapters" / "04_symmetric_manifold.md")
+    cells = [c.source for c in nb.cells if c.cell_type == "code"]
+    ns: dict = {}
+    exec(compile(cells[0], "parameters", "exec"), ns)
+    ns.update(profile="quick", activation="relu", t_max=150.0, step_sizes=[0.05, 0.025],
+              results_dir=str(tmp_path / "r"), figures_dir=str(tmp_path / "f"))
+    last = next(i for i, s in enumerate(cells) if "traj = manifold.full_vs_reduced" in s)
+    with pytest.raises(ParameterError, match="t_max.*has not escaped"):
+        for k, src in enumerate(cells[1: last + 1]):
+            exec(compile(src, f"cell{k + 1}", "exec"), ns)

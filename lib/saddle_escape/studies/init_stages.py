@@ -235,8 +235,8 @@ class Attention(Problem):
 
     def sizes_np(self, theta: np.ndarray) -> np.ndarray:
         H, D = self.model.width, self.model.input_dim
-        U = theta[H:].reshape(H, 2 * D)
-        return np.abs(theta[:H]) * np.linalg.norm(U[:, :D], axis=1) * np.linalg.norm(U[:, D:], axis=1)
+        U2 = theta[H:].reshape(H, 2 * D) ** 2
+        return np.abs(theta[:H]) * np.sqrt(U2[:, :D].sum(1) * U2[:, D:].sum(1))
 
     def directions(self, theta: torch.Tensor, active: torch.Tensor, rel: float = 0.05) -> int:
         """How many distinct directions the active heads realise: the rank of their ``W`` at a
@@ -567,9 +567,17 @@ def stiff_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, n_dro
         def rhs(tau, w, e=e):
             return -problem.grad_np(e * w) / (e * e)
 
+        last = {}
+
+        def sorted_sizes(tau, w, e=e):
+            # every event asks at the same state: sort the sizes once per state
+            if last.get("tau") != tau or last.get("w") is not w:
+                last.update(tau=tau, w=w, s=np.sort(problem.sizes_np(e * w))[::-1])
+            return last["s"]
+
         def event(k):
-            def g(tau, w, e=e):
-                return np.sort(problem.sizes_np(e * w))[::-1][k] - thr
+            def g(tau, w):
+                return sorted_sizes(tau, w)[k] - thr
             g.direction, g.terminal = 1, k == K - 1
             return g
 

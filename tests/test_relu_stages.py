@@ -134,7 +134,7 @@ def test_teachers_whose_basins_merge_are_refused():
         rs.check_teacher(rs.make_teacher([[[1, 0, 0], 1.0], [[0, 1, 0], 0.8]]))
 
 
-@pytest.mark.parametrize("bad", [0, 4, 5, True, "3", [[[1, 0], 0.0]], [[[1, 0], 1.0], [[2, 0], 0.5]],
+@pytest.mark.parametrize("bad", [0, 5, True, "3", [[[1, 0], 0.0]], [[[1, 0], 1.0], [[2, 0], 0.5]],
                                  [[[1, 0], 1.0], [[0, 1], 0.5], [[1, 1], 0.2]]])
 def test_bad_teachers_are_refused(bad):
     with pytest.raises(ParameterError, match="teacher_units"):
@@ -179,3 +179,13 @@ def test_staircase_and_plateau_checks_pass_and_fail(run3, teacher3):
     off = rs.RunSummary(summary.eps, summary.seed, [], [summary.stages[0],
                         rs.Stage(stage.time, 1.01 * stage.loss, stage.rays, stage.kinks)] + summary.stages[2:], True)
     assert rs.plateau_gaps(teacher3, off)[0]["rel"] > 1e-3
+
+
+def test_four_unit_teacher_steps_one_ray_at_a_time_and_the_old_amplitudes_merge():
+    # the chosen amplitudes at eps = 1e-11 step 0..4; with 0.5, -0.35 the last three stages arrive in one drop
+    new = rs.default_teacher(4)
+    old = rs.Teacher(new.directions, (1.0, -0.7, 0.5, -0.35), new.inputs)
+    for teacher, ok in ((new, True), (old, False)):
+        problem = rs.SphereProblem(teacher, 12)
+        tr = rs.simulate(problem, [1e-11], [0], t_max=rs.time_horizon(teacher, 1e-11), rtol=1e-6)
+        assert rs.staircase_ok(rs.summarise(tr)[0], 4) == ok

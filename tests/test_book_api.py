@@ -1,8 +1,13 @@
 """The chapter-side API (saddle_escape.book), used in-process without a kernel."""
 
+import io
 import json
 import math
+import re
+import tokenize
+from pathlib import Path
 
+import jupytext
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ import torch
 from saddle_escape import book
 from saddle_escape.book import plotting
 from saddle_escape.book.params import ParameterError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -235,10 +242,8 @@ def test_claims_markdown_and_expected_descriptions():
 
 def _try_it_commands():
     """Every ``python -m saddle_escape run ...`` line in a chapter's "Try it" section."""
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
     found = []
-    for source in sorted((root / "chapters").glob("*.md")):
+    for source in sorted((ROOT / "chapters").glob("*.md")):
         text = source.read_text(encoding="utf-8")
         if "\n## Try it" not in text:
             continue
@@ -300,3 +305,30 @@ def test_family_descriptions_in_plain_text(tex, plain):
     """The glue:text form of a family description spells its math out readably (issue 17)."""
     from saddle_escape.book.chapter import tex_to_text
     assert tex_to_text(tex) == plain
+
+
+_TEX = re.compile(r"(?<!\\)\\(varepsilon|epsilon|beta|frac|theta|nabla|alpha|rho|tau|ln|lambda|sigma|mathcal|"
+                  r"sqrt|cdot|le|ge|to|infty|Delta|kappa|gamma|partial|sum|tanh|phi|mu)(?![A-Za-z])")
+
+
+def _unescaped_tex(source: str) -> list[str]:
+    """String literals (not raw) whose LaTeX has a single backslash: '\\varepsilon' there is a vertical
+    tab followed by 'arepsilon', '\\beta' a backspace, '\\frac' a form feed."""
+    out = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.STRING and "r" not in re.match(r"[A-Za-z]*", tok.string).group(0).lower() \
+                and _TEX.search(tok.string):
+            out.append(tok.string[:60])
+    return out
+
+
+def test_latex_in_plain_strings_is_escaped():
+    assert _unescaped_tex('x = "$\\varepsilon$"') and not _unescaped_tex('x = r"$\\varepsilon$"')
+    assert not _unescaped_tex('x = "$\\\\varepsilon$"')
+    bad = []
+    for path in sorted((ROOT / "chapters").glob("*.md")):
+        for cell in jupytext.read(path).cells:
+            if cell.cell_type == "code":
+                src = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+                bad += [f"{path.name}: {s}" for s in _unescaped_tex(src)]
+    assert not bad, bad

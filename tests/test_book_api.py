@@ -332,3 +332,9 @@ def test_latex_in_plain_strings_is_escaped():
                 src = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
                 bad += [f"{path.name}: {s}" for s in _unescaped_tex(src)]
     assert not bad, bad
+
+
+def test_an_empty_table_says_so(run, capsys):
+    run.table([])                                     # a re-run whose parameters leave no rows
+    with pytest.raises(ValueError, match="columns"):
+        run.table([[1, 2]])

@@ -515,6 +515,9 @@ class ChapterRun:
         if rows and isinstance(rows[0], dict):
             columns = columns or list(rows[0])
             rows = [[r.get(c, "") for c in columns] for r in rows]
+        if columns is None and not rows:       # e.g. a re-run whose parameters leave a table empty
+            _show_markdown("*(no rows for these parameters)*")
+            return
         if columns is None:
             raise ValueError("give `columns` for a table of plain rows")
         _show_markdown(markdown_table(list(columns), [[to_jsonable(v) for v in r] for r in rows]))

@@ -574,6 +574,7 @@ OVERRIDES = {
     "06_off_manifold": {"r_values": [4], "width": 16, "n_samples": 256, "n_seeds": 5,
                         "eps_values": [1e-2, 1e-3, 1e-4]},
     "07_no_closure": {"n_nodes": 10},
+    "09_linear_networks": {"n_eps": 3, "n_seeds": 1, "widths": [4, 50], "rtol": 1e-6, "deep_width": 64},
     "10_relu_networks": {"width": 24, "eps_values": [1e-9, 1e-11], "n_seeds": 3},
 }
 

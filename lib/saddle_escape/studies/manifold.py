@@ -273,32 +273,6 @@ def balance_check(chain: ScalarChain, X: torch.Tensor, i_p: int):
     return drift, abs(act.h_sigma / act.beta1) * moment * z_p ** (act.q - 1), z_p
 
 
-
-def chain_escape_time(chain: ScalarChain, X0: torch.Tensor, rtol: float = 1e-9, t_start: float = 100.0,
-                      t_cap: float = 1e5, settled: float = 0.01, n_grid: int = 2001) -> tuple[float, float]:
-    """The reduced chain's escape time from ``X0`` (1, L): the first time its loss is halfway
-    between ``L(0)`` and the loss it settles at after the escape, and that settled loss.
-
-    The horizon doubles from ``t_start`` until the loss has dropped and has settled: over the last
-    half of the horizon it moves by less than ``settled`` times its total drop (an activation whose
-    best fit on the manifold is poor -- ReLU -- settles well above 0, so "halfway down to 0" would be
-    wrong). Raises :class:`ParameterError` (``init_scales``) when it has not settled by ``t_cap``."""
-    T = float(t_start)
-    while T <= t_cap:
-        ts = torch.linspace(0.0, T, n_grid, dtype=DTYPE)
-        sol = solve(chain.term(), X0, T, controller=PIController(rtol=rtol, atol=1e-14),
-                    saveat=SaveAt(ts, fn=lambda X: chain.loss(X)[:, None]))
-        loss = sol.ys[0, :, 0]
-        drop = (loss[0] - loss[-1]).item()
-        late = (loss[n_grid // 2] - loss[-1]).abs().item()
-        if drop > 1e-3 * loss[0].item() and late < settled * drop:
-            half = loss[0] - 0.5 * drop
-            return ts[int(torch.nonzero(loss <= half)[0, 0])].item(), loss[-1].item()
-        T *= 2
-    raise ParameterError("init_scales", X0.tolist(), f"the reduced chain has not escaped and settled by t = {t_cap:g}; "
-                         "use larger initial scales")
-
-
 def plateau_rate_factor(chain: ScalarChain, delta: float = 1e-6) -> float:
     """How fast the chain leaves the saddle relative to a linear chain: ``kappa = kappa_1 beta_1^(L-2)``.
 

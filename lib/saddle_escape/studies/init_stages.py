@@ -494,6 +494,23 @@ class Sweep:
         return ~np.isfinite(self.drops)
 
 
+def _sweep_setup(problem: Problem, eps, seeds, rel_threshold: float, n_drops, tau_max):
+    """The runs of a sweep (every seed at every eps), their initial weights, the number of drops,
+    the drop threshold and the horizon (default: 100 times the slowest first escape the decoupled
+    system predicts)."""
+    eps = np.asarray(eps, float)
+    seeds = np.asarray(seeds)
+    run_seeds = np.repeat(seeds, len(eps))
+    run_eps = np.tile(eps, len(seeds))
+    theta0 = problem.model.init(torch.as_tensor(run_eps), run_seeds.tolist())
+    K = n_drops or min(problem.model.width, problem.n_stages)
+    thr = rel_threshold * problem.size_scale
+    if tau_max is None:
+        pred = predict_units(problem, theta0 / torch.as_tensor(run_eps)[:, None], thr)
+        tau_max = 100.0 * float(np.nanmax(pred.blowup.min(1)))
+    return run_seeds, run_eps, theta0, K, thr, tau_max
+
+
 def run_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, tau_max: float | None = None,
               rtol: float = 1e-8, n_drops: int | None = None, save_ts=None, save_fn=None,
               plateaus: bool = True) -> Sweep:
@@ -503,16 +520,7 @@ def run_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, tau_max
     (a fixed fraction of a learned unit's size: far above every eps^3-sized sleeping unit and
     reached O(1) time before the loss falls). With ``plateaus``, a second batch integrates from
     each drop to half-way to the next one and returns those states (the plateau's middle)."""
-    eps = np.asarray(eps, float)
-    seeds = np.asarray(seeds)
-    run_seeds = np.repeat(seeds, len(eps))
-    run_eps = np.tile(eps, len(seeds))
-    theta0 = problem.model.init(torch.as_tensor(run_eps), run_seeds.tolist())
-    K = n_drops or min(problem.model.width, problem.n_stages)
-    thr = rel_threshold * problem.size_scale
-    if tau_max is None:   # 100 times the slowest first escape the decoupled system predicts
-        pred = predict_units(problem, theta0 / torch.as_tensor(run_eps)[:, None], thr)
-        tau_max = 100.0 * float(np.nanmax(pred.blowup.min(1)))
+    run_seeds, run_eps, theta0, K, thr, tau_max = _sweep_setup(problem, eps, seeds, rel_threshold, n_drops, tau_max)
 
     sorted_sizes = _last_value(lambda y: problem.sizes(theta_of(y)).sort(-1, descending=True).values)
     events = [Event(lambda t, y, runs, k=k: sorted_sizes(y)[:, k] - thr, direction=1,
@@ -548,16 +556,7 @@ def stiff_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, n_dro
     integrated one by one (the system is a few dozen numbers; ``method`` picks another scipy
     solver, e.g. ``"Radau"``)."""
     from scipy.integrate import solve_ivp
-    eps = np.asarray(eps, float)
-    seeds = np.asarray(seeds)
-    run_seeds = np.repeat(seeds, len(eps))
-    run_eps = np.tile(eps, len(seeds))
-    theta0 = problem.model.init(torch.as_tensor(run_eps), run_seeds.tolist())
-    K = n_drops or min(problem.model.width, problem.n_stages)
-    thr = rel_threshold * problem.size_scale
-    if tau_max is None:   # 100 times the slowest first escape the decoupled system predicts
-        pred = predict_units(problem, theta0 / torch.as_tensor(run_eps)[:, None], thr)
-        tau_max = 100.0 * float(np.nanmax(pred.blowup.min(1)))
+    run_seeds, run_eps, theta0, K, thr, tau_max = _sweep_setup(problem, eps, seeds, rel_threshold, n_drops, tau_max)
     B = len(run_eps)
     taus = np.full((B, K), np.nan)
     mid = torch.full((B, K, problem.model.n_params), math.nan, dtype=DTYPE)

@@ -37,6 +37,18 @@ def test_sweep_r3_exponent_and_prefactor():
     assert s.times[-1, 0] * s.rate * eps[-1] == pytest.approx(1.0, rel=0.01)
 
 
+def test_one_batch_per_depth_gives_each_configuration_its_own_times():
+    """Runs of different r share a depth's batched integration (per-run bottleneck norm, legs and
+    thresholds): every time equals the one from that (r, L) integrated alone."""
+    eps = np.logspace(-1, -3, 3)
+    together = cd.sweeps("tanh", [(2, 4), (3, 4), (1, 3)], eps, TEACHER, big=1.5)
+    for (r, L), s in together.items():
+        alone = cd.sweep("tanh", r, L, eps, TEACHER, big=1.5)
+        np.testing.assert_allclose(s.times, alone.times, rtol=1e-9)
+        assert s.reference == alone.reference
+    assert together[2, 4].batch_grad_evals == together[3, 4].batch_grad_evals
+
+
 def test_stable_window_rule():
     x = np.array([1e-4, 1e-3, 1e-2, 1e-1])
     assert cd.stable_window(x, [-1.0, -1.001, -1.2], 0.005).tolist() == [True, True, True, False]

@@ -55,16 +55,32 @@ def post_escape_reference(term: GradientFlow, theta0: torch.Tensor, norm_fn: Cal
     return Reference(loss=term.loss(y).item(), norm=norm_fn(y).item(), time=sol.event_times[0, 0].item())
 
 
+def per_run(norm_fn: Callable) -> Callable:
+    """Mark ``norm_fn(y, runs)`` as a norm that depends on the batch rows ``runs`` it is given, for
+    a batch that mixes problems of one parameter count (chapter 05's chains of one depth with
+    different bottleneck sizes r). Plain norms take ``y`` alone."""
+    norm_fn.per_run = True
+    return norm_fn
+
+
+def _rows_norm(norm_fn: Callable) -> Callable:
+    return norm_fn if getattr(norm_fn, "per_run", False) else (lambda y, runs: norm_fn(y))
+
+
 def escape_events(term: GradientFlow, theta0: torch.Tensor, ref: Reference, norm_fn: Callable,
                   definitions: Sequence[str] = DEFINITIONS, norm_fraction: float = 0.5) -> list[Event]:
-    """Non-terminal events for the requested escape definitions; thresholds are per run."""
+    """Non-terminal events for the requested escape definitions; thresholds are per run.
+
+    ``ref``'s loss and norm are numbers, or tensors of one value per run (a mixed batch, with a
+    :func:`per_run` norm)."""
     for d in definitions:
         if d not in DEFINITIONS:
             raise ParameterError("definition", d, f"must be one of {', '.join(DEFINITIONS)}")
-    half = 0.5 * (term.loss(theta0) + ref.loss)
-    target = norm_fraction * ref.norm
+    half = 0.5 * (term.loss(theta0) + torch.as_tensor(ref.loss, dtype=theta0.dtype))
+    target = (norm_fraction * torch.as_tensor(ref.norm, dtype=theta0.dtype)).expand(theta0.shape[0])
+    norm = _rows_norm(norm_fn)
     fns = {"loss": lambda t, y, runs: term.loss(y) - half[runs],
-           "norm": lambda t, y, runs: target - norm_fn(y)}
+           "norm": lambda t, y, runs: target[runs] - norm(y, runs)}
     return [Event(fns[d], -1, terminal=False, name=d) for d in definitions]
 
 
@@ -111,9 +127,10 @@ def escape_times(term: GradientFlow, theta0: torch.Tensor, t_max: float, ref: Re
     events = escape_events(term, origin, ref, norm_fn, definitions, norm_fraction)
     if stop_after:
         L0 = term.loss(origin)
-        past = L0 + 0.9 * (ref.loss - L0)
-        target = norm_fraction * ref.norm
-        events.append(Event(lambda t, y, runs: torch.maximum(term.loss(y) - past[runs], target - norm_fn(y)),
+        past = L0 + 0.9 * (torch.as_tensor(ref.loss, dtype=L0.dtype) - L0)
+        target = (norm_fraction * torch.as_tensor(ref.norm, dtype=L0.dtype)).expand(L0.shape[0])
+        norm = _rows_norm(norm_fn)
+        events.append(Event(lambda t, y, runs: torch.maximum(term.loss(y) - past[runs], target[runs] - norm(y, runs)),
                             -1, terminal=True, name="stop"))
     sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol), events=events,
                 progress=progress, desc="escape sweep")

@@ -8,7 +8,7 @@ scale ``eps`` (input side, so every pre-activation is small near the saddle) and
 
 computed here for any activation of classes A-C from the chain itself (:func:`leading_rate`).
 Escape times at very small ``eps`` (t ~ 1e15 for r = 5) exceed what a float64 clock can resolve
-during the O(1)-long escape itself, so :func:`sweep` integrates in two legs: the saddle phase up
+during the O(1)-long escape itself, so :func:`sweeps` integrates in two legs: the saddle phase up
 to a hand-off scale, then -- with the clock restarted -- the escape; the two times are added.
 """
 from __future__ import annotations
@@ -131,7 +131,9 @@ def log_correction(activation, teacher: ScalarTeacher, depth: int, r: int, big: 
 @dataclass
 class Sweep:
     """Escape times of one (r, L) over all eps: ``times`` (B, 2) for the loss and norm definitions,
-    ``inf`` where censored (no escape before ``t_max``)."""
+    ``inf`` where censored (no escape before ``t_max``). ``batch_grad_evals`` and ``batch_seconds``
+    belong to the batched integration of depth L that this sweep shared with the other r of that
+    depth (:func:`sweeps`): count them once per depth."""
 
     r: int
     depth: int
@@ -140,8 +142,8 @@ class Sweep:
     t_max: np.ndarray
     rate: float
     reference: escape.Reference
-    grad_evals: int
-    seconds: float
+    batch_grad_evals: int
+    batch_seconds: float
 
     @property
     def censored(self) -> np.ndarray:
@@ -149,7 +151,7 @@ class Sweep:
 
 
 def handoff_ratio(r: int) -> float:
-    """How far one leg of :func:`sweep`'s saddle phase may grow the bottleneck scale: by at most
+    """How far one leg of :func:`sweeps`' saddle phase may grow the bottleneck scale: by at most
     this factor, so that the flow's local time scale at the leg's end, ``1/(a y^(r-2))``, stays
     above 1e-8 of the time the leg took (``~ 1/((r-2) a y0^(r-2))``). A longer leg outruns its
     float64 clock: ``t + h == t`` for the steps the flow needs, and the step size collapses."""
@@ -157,55 +159,91 @@ def handoff_ratio(r: int) -> float:
 
 
 def sweep(activation, r: int, depth: int, eps, teacher: ScalarTeacher, big: float = 1.0,
-          pilot_eps: float | None = None, handoff: float = 0.05, t_max_factor: float = 20.0,
-          rtol: float = 1e-9, atol: float = 1e-14, n_nodes: int = 80,
-          reference: escape.Reference | None = None) -> Sweep:
-    """One pilot (post-escape reference at ``pilot_eps``) and one batched escape sweep over ``eps``.
+          reference: escape.Reference | None = None, **options) -> Sweep:
+    """One (r, L) of :func:`sweeps`; ``reference`` reuses an earlier pilot's post-escape values."""
+    refs = None if reference is None else {(r, depth): reference}
+    return sweeps(activation, [(r, depth)], eps, teacher, big, references=refs, **options)[r, depth]
 
+
+def sweeps(activation, configs, eps, teacher: ScalarTeacher, big: float = 1.0,
+           pilot_eps: float | None = None, handoff: float = 0.05, t_max_factor: float = 20.0,
+           rtol: float = 1e-9, atol: float = 1e-14, n_nodes: int = 80,
+           references: dict | None = None) -> dict[tuple[int, int], Sweep]:
+    """Escape times of every (r, L) in ``configs`` over ``eps``.
+
+    One pilot per (r, L) (post-escape reference at ``pilot_eps``) unless ``references`` has it;
+    then, per depth L, **one** batched integration of every run of that depth: all its r and eps
+    share the chain, so its parameter count (an integration runs as long as its slowest run and
+    pays the dispatch cost per step, not per run).
     The saddle phase runs until the bottleneck RMS scale reaches ``handoff``, in as many legs as
     the float64 clock needs (:func:`handoff_ratio`); the last leg restarts the clock there and
-    detects the escape events
-    (thresholds from the original initial loss). Runs get ``t_max = t_max_factor *
-    (T_r(eps)/a + reference time)``."""
+    detects the escape events (thresholds from the original initial loss). Runs get ``t_max =
+    t_max_factor * (T_r(eps)/a + reference time)``."""
+    eps = np.asarray(eps, float)
+    by_depth: dict[int, list[int]] = {}
+    for r, depth in configs:
+        by_depth.setdefault(depth, []).append(r)
+    out = {}
+    for depth, rs in by_depth.items():
+        out.update(_depth_batch(activation, depth, rs, eps, teacher, big, pilot_eps, handoff, t_max_factor,
+                                rtol, atol, n_nodes, references or {}))
+    return {c: out[c] for c in configs}
+
+
+def _depth_batch(activation, depth, rs, eps, teacher, big, pilot_eps, handoff, t_max_factor, rtol, atol,
+                 n_nodes, references) -> dict[tuple[int, int], Sweep]:
     start = time.perf_counter()
     chain = ScalarChain(activation, depth, teacher, n_nodes=n_nodes)
     term = ChainFlow(chain)
-    nf = bottleneck_norm(r)
-    a = leading_rate(chain, r, big)
-    if not a > 0:
-        raise ParameterError("activation", chain.activation.name,
-                             f"gives no escape direction here (leading rate a = {a:.3g} <= 0)")
-    if pilot_eps is None:  # r = 1 has no plateau: at eps = 0.3 the loss is already far down
-        pilot_eps = 0.3 if r >= 2 else 0.1
-    pilot = initial_scales(depth, r, [max(pilot_eps, float(np.max(eps)))], big)
-    t_guess = float(integral_T(pilot_eps, r) / a) + 10.0
-    ref = reference or escape.post_escape_reference(term, pilot, nf, t_max=1e3 * t_guess)
-    eps = np.asarray(eps, float)
-    X0 = initial_scales(depth, r, eps, big)
-    t_max = t_max_factor * (np.maximum(integral_T(eps, r), 0) / a + ref.time)
-    t_max_t = torch.as_tensor(t_max, dtype=X0.dtype)
+    rates, refs, X0, t_max = [], [], [], []
+    for r in rs:
+        a = leading_rate(chain, r, big)
+        if not a > 0:
+            raise ParameterError("activation", chain.activation.name,
+                                 f"gives no escape direction here (leading rate a = {a:.3g} <= 0)")
+        p_eps = pilot_eps if pilot_eps is not None else (0.3 if r >= 2 else 0.1)  # r = 1 has no plateau
+        pilot = initial_scales(depth, r, [max(p_eps, float(np.max(eps)))], big)
+        t_guess = float(integral_T(p_eps, r) / a) + 10.0
+        ref = references.get((r, depth)) or escape.post_escape_reference(term, pilot, bottleneck_norm(r),
+                                                                          t_max=1e3 * t_guess)
+        rates.append(a)
+        refs.append(ref)
+        X0.append(initial_scales(depth, r, eps, big))
+        t_max.append(t_max_factor * (np.maximum(integral_T(eps, r), 0) / a + ref.time))
+    n = len(eps)
+    X0 = torch.cat(X0)
+    t_max_t = torch.as_tensor(np.concatenate(t_max), dtype=X0.dtype)
+    r_row = torch.as_tensor(np.repeat(rs, n), dtype=X0.dtype)
+    in_block = (torch.arange(depth, dtype=X0.dtype)[None, :] < r_row[:, None]).to(X0.dtype)
+    nf = escape.per_run(lambda y, runs: (y * y * in_block[runs]).sum(-1).sqrt())   # ||(X_1..X_r)|| per row
+    rms = lambda y, runs: nf(y, runs) / r_row[runs].sqrt()
+    ratio = torch.as_tensor([handoff_ratio(r) for r in rs], dtype=X0.dtype).repeat_interleave(n)
     ctrl = PIController(rtol=rtol, atol=atol)
 
     # the saddle phase, up to the hand-off scale, in legs that each restart the clock
-    t1 = torch.zeros(len(eps), dtype=X0.dtype)
+    t1 = torch.zeros(len(X0), dtype=X0.dtype)
     X1 = X0.clone()
-    rms = lambda y: nf(y) / math.sqrt(r)
-    going = torch.as_tensor(eps < handoff)
+    going = torch.as_tensor(np.tile(eps, len(rs)) < handoff)
     while going.any():
         idx = going.nonzero().squeeze(1)
-        goal = torch.clamp(rms(X1[idx]) * handoff_ratio(r), max=handoff)
-        s1 = solve(term, X1[idx], torch.clamp(t_max_t[idx] - t1[idx], min=1e-12), controller=ctrl,
-                   events=[Event(lambda t, y, runs: goal[runs] - rms(y), -1, terminal=True)])
+        goal = torch.clamp(rms(X1[idx], idx) * ratio[idx], max=handoff)
+        leg = Event(lambda t, y, runs, idx=idx, goal=goal: goal[runs] - rms(y, idx[runs]), -1, terminal=True)
+        s1 = solve(term, X1[idx], torch.clamp(t_max_t[idx] - t1[idx], min=1e-12), controller=ctrl, events=[leg])
         reached = torch.isfinite(s1.event_times[:, 0])
         t1[idx] += torch.where(reached, s1.event_times[:, 0], s1.t_final)
         X1[idx] = s1.y_final
         going[idx] = reached & (goal < handoff)
-    # the escape, clock restarted; thresholds from the original L(0)
-    left = torch.clamp(t_max_t - t1, min=1e-12)
-    res = escape.escape_times(term, X1, left, ref, nf, rtol=rtol, atol=atol, origin=X0)
+    # the escape, clock restarted; thresholds from the original L(0) and each row's pilot
+    per_row = escape.Reference(loss=torch.as_tensor([f.loss for f in refs], dtype=X0.dtype).repeat_interleave(n),
+                               norm=torch.as_tensor([f.norm for f in refs], dtype=X0.dtype).repeat_interleave(n),
+                               time=math.nan)
+    res = escape.escape_times(term, X1, torch.clamp(t_max_t - t1, min=1e-12), per_row, nf, rtol=rtol, atol=atol,
+                              origin=X0)
     times = (res.times + t1[:, None]).numpy()
-    return Sweep(r, depth, eps, times, t_max, a, ref, term.run_evals,
-                 time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return {(r, depth): Sweep(r, depth, eps, times[k * n:(k + 1) * n], t_max[k], rates[k], refs[k],
+                              term.run_evals, seconds)
+            for k, r in enumerate(rs)}
 
 
 def stable_window(x, local, tol: float, relative: bool = False, min_points: int = 3) -> np.ndarray:

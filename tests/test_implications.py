@@ -219,3 +219,32 @@ def test_xtanh_prefactor_uses_its_leading_quadratic_part(check):
     quad = I.TwoLayer.build("quadratic", pr.model.input_dim, pr.model.width, pr.model.output_dim)
     xi = pr.model.init(1.0, [0])
     assert I.blowup_times(pr.model, pr.data, xi)[0] == pytest.approx(I.blowup_times(quad, pr.data, xi)[0], rel=1e-12)
+
+
+# ------------------------------------------------------------------ stuck runs (chapter 12's saddle visit)
+
+def test_stuck_rule_tells_a_resting_run_from_a_slow_one():
+    # measured at the horizon: x tanh x, seed 7, eps 0.1 (rests at 17% of the initial loss), and a
+    # tanh run still descending at t = 40 (2.1% of its initial loss, not yet at the 2% level)
+    stuck = I.is_stuck([False, False, True], [0.065, 0.0078, 0.007], [1.8e-4, 6.2e-3, 1e-6], [420.0, 40.0, 40.0])
+    assert stuck.tolist() == [True, False, False]
+
+
+def test_saddle_claim_fails_on_a_stuck_plateau_taken_as_final(check):
+    eps = np.array([0.2, 0.1, 0.05])
+    old_rule = np.array([0.01005, 0.2138, 0.2324])      # seed 7 before the rule: the window held the first drop only
+    assert not check(I.saddle_exponent(eps, old_rule), 0.5, kind="min")
+    # with the stuck runs set aside one run is left: no exponent, and the claim fails instead of passing
+    assert np.isnan(I.saddle_exponent(eps, [0.01005, np.nan, np.nan]))
+    assert not check(I.saddle_exponent(eps, [0.01005, np.nan, np.nan]), 0.5, kind="min")
+    assert check(I.saddle_exponent(eps, [0.1055, 0.0320, 0.0140]), 0.5, kind="min")   # ray 8: finishes
+
+
+def test_stuck_runs_are_found_and_rest_at_a_saddle():
+    torch.set_num_threads(1)
+    fam = I.unit_family(["xtanh"], 3, {"xtanh": [0.2, 0.1]}, 7, max_rays=1)["xtanh"]
+    assert fam["stuck"].tolist() == [False, True]
+    assert np.isnan(fam["g_min"][1]) and np.isfinite(fam["g_min"][0])
+    (aside,) = fam["set_aside"]
+    assert aside["ray"] == 7 and aside["loss_fraction"][0] > 0.1      # far above the global minimum 0
+    assert aside["eig"][0, 0] < 0                                       # a saddle, not a local minimum

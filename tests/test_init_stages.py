@@ -182,3 +182,26 @@ def test_drop_increments_remove_the_escape_duration_and_a_log_law_still_fails():
 def test_spectral_ratio_and_the_default_eps_rule():
     assert st.spectral_ratio(QUAD) == pytest.approx(0.5)
     assert st.spectral_ratio(st.Quadratic.build([3.0, -1.0, -2.0, 0.5], 2, 0)) == pytest.approx(0.5 / 3)
+
+
+# ------------------------------------------------------------------ blocked runs (a drop that cannot come)
+
+def test_can_grow_needs_the_sign_or_a_turn():
+    S = np.diag([0.0, 0.0, 0.0, 1.0])                 # learned directions 1-3, +1 left (teacher [3, -1, -2, 0.5])
+    U = np.array([[0.5, -1.3, 0.1, 0.1], [0.5, -1.3, 0.1, 0.1], [0.5, -1.3, 0.1, 2.0]])
+    v = np.array([0.2, -0.2, -0.2])
+    # v > 0 grows; v < 0 with 2 v^2 > u_4^2 is stuck (its learned-direction components do not count);
+    # v < 0 with 2 v^2 < u_4^2 turns and grows
+    assert st.can_grow(S, v, U).tolist() == [True, False, True]
+    # a rule that counted every component of u for the turn (the conserved 2v^2 - |u|^2) would call the
+    # second unit free: it is not
+    assert 2 * v[1] ** 2 < (U[1] ** 2).sum()
+
+
+def test_blocked_runs_explain_the_missing_fourth_drop():
+    prob = st.Quadratic.build([3.0, -1.0, -2.0, 0.5], 6, 0)
+    sw = st.stiff_sweep(prob, [1e-3], [1, 4])             # seed 1: three drops; seed 4: all four
+    assert np.isfinite(sw.drops[0]).sum() == 3 and np.isfinite(sw.drops[1]).all()
+    assert st.blocked_runs(prob, sw).tolist() == [True, False]
+    att = st.Attention.build(3, 31, 200, 4, 0)
+    assert not st.blocked_runs(att, st.stiff_sweep(att, [1e-2], [1])).any()

@@ -488,6 +488,7 @@ class Sweep:
     drops: np.ndarray               # (B, K) time t (not tau) at which the k-th unit reached the threshold
     mid: torch.Tensor | None        # (B, K, P) parameters half-way through plateau k (after drop k)
     solution: object = field(repr=False, default=None)
+    final: torch.Tensor | None = None   # (B, P) where each run ended (stiff_sweep: its horizon or last drop)
 
     @property
     def censored(self) -> np.ndarray:
@@ -560,6 +561,7 @@ def stiff_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, n_dro
     B = len(run_eps)
     taus = np.full((B, K), np.nan)
     mid = torch.full((B, K, problem.model.n_params), math.nan, dtype=DTYPE)
+    final = torch.full((B, problem.model.n_params), math.nan, dtype=DTYPE)
     for b in range(B):
         e = float(run_eps[b])
 
@@ -582,6 +584,7 @@ def stiff_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, n_dro
 
         sol = solve_ivp(rhs, (0.0, tau_max), theta0[b].numpy() / e, method=method, rtol=rtol, atol=atol,
                         events=[event(k) for k in range(K)], dense_output=True)
+        final[b] = torch.as_tensor(e * sol.y[:, -1])
         for k, te in enumerate(sol.t_events):
             if len(te):
                 taus[b, k] = te[0]
@@ -595,7 +598,7 @@ def stiff_sweep(problem: Problem, eps, seeds, rel_threshold: float = 0.05, n_dro
             elif np.isfinite(t_mid) and k == K - 1:      # after the terminal event: integrate on
                 more = solve_ivp(rhs, (sol.t[-1], t_mid), sol.y[:, -1], method=method, rtol=rtol, atol=atol)
                 mid[b, k] = torch.as_tensor(e * more.y[:, -1])
-    return Sweep(problem, run_seeds, run_eps, theta0, thr, taus / run_eps[:, None], mid)
+    return Sweep(problem, run_seeds, run_eps, theta0, thr, taus / run_eps[:, None], mid, final=final)
 
 
 def _last_value(fn):
@@ -653,6 +656,55 @@ def drop_increments(sw: Sweep, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
         ok = np.isfinite(d)
         xs.append(sw.eps[r][1:][ok]); ys.append(d[ok]); gs.append(np.full(ok.sum(), seed))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
+
+
+def can_grow(S_eff: np.ndarray, v: np.ndarray, U: np.ndarray, rel_sigma: float = 1e-6,
+             rel_component: float = 1e-8) -> np.ndarray:
+    """Whether each sleeping quadratic unit (``v`` (n,), ``U`` (n, D)) can still blow up under the
+    decoupled flow ``v' = u^T S u, u' = 2 v S u`` with growth matrix ``S_eff`` (:func:`blowup`'s
+    particle, ``F(s) = v^2 + 1/2 sum_j xi_j^2 (exp(4 sigma_j s) - 1)``).
+
+    The particle runs off in the direction of ``v``: it blows up there if some eigenvalue
+    ``sigma_j`` of the sign of ``v`` has a component ``xi_j`` of ``u``. Otherwise ``F`` only falls
+    on that side, to ``v^2 - 1/2 sum xi_j^2`` over the eigenvalues of the other sign; if that stays
+    positive the unit never turns and drifts with ``u`` decaying: it is stuck. Eigenvalues below
+    ``rel_sigma`` of the largest (the learned directions, where ``S_eff`` vanishes) and components
+    below ``rel_component`` of ``|u|`` (decayed to nothing over a plateau) do not count."""
+    sig, Q = np.linalg.eigh(S_eff)
+    live = np.abs(sig) > rel_sigma * np.abs(sig).max()
+    xi = np.asarray(U) @ Q
+    present = np.abs(xi) > rel_component * np.linalg.norm(U, axis=1, keepdims=True)
+    sv = np.sign(np.asarray(v, float))[:, None]
+    same = (np.sign(sig)[None, :] == sv) & live & present
+    other = (np.sign(sig)[None, :] == -sv) & live & present
+    turns = 2 * np.asarray(v, float) ** 2 < (xi ** 2 * other).sum(1)
+    return same.any(1) | turns
+
+
+def blocked_runs(problem: Problem, sw: Sweep) -> np.ndarray:
+    """Runs (B,) whose next drop cannot come: the run has fewer drops than expected and, where it
+    ended (its horizon, relaxed on its last plateau), no sleeping unit (size below the threshold) :func:`can_grow` under
+    the growth matrix there, ``S_eff = -dL/dM = 2 (A - M) - tr(M) I`` (zero on the learned
+    directions). A learned unit does not leave its direction either: rotating it towards a
+    remaining direction j changes its growth by ``2 v (sigma_j - 2 c)`` with ``c`` its learned
+    strength, negative wherever ``sigma_j < 2 c``. Quadratic units only: a head's sign is not fixed
+    (``(v, k) -> (-v, -k)`` gives the same output), so attention is never blocked this way."""
+    B, K = sw.drops.shape
+    out = np.zeros(B, bool)
+    if problem.name != "quadratic" or sw.final is None:
+        return out
+    for b in range(B):
+        n = int(np.isfinite(sw.drops[b]).sum())
+        if n == 0 or n == K:
+            continue
+        th = sw.final[b]
+        V, U = problem.model.unflatten(th[None])
+        v, U = V[0, :, 0].numpy(), U[0].numpy()
+        M = (U.T * v) @ U
+        S_eff = 2 * (problem.A - M) - np.trace(M) * np.eye(len(M))
+        sleeping = problem.sizes_np(th.numpy()) < sw.threshold
+        out[b] = not can_grow(S_eff, v[sleeping], U[sleeping]).any()
+    return out
 
 
 def spectral_ratio(problem: Problem) -> float:

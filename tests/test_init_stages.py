@@ -203,5 +203,9 @@ def test_blocked_runs_explain_the_missing_fourth_drop():
     sw = st.stiff_sweep(prob, [1e-3], [1, 4])             # seed 1: three drops; seed 4: all four
     assert np.isfinite(sw.drops[0]).sum() == 3 and np.isfinite(sw.drops[1]).all()
     assert st.blocked_runs(prob, sw).tolist() == [True, False]
+    # a run cut off before its fourth drop (horizon tau = 0.56, the drop comes at 0.60) is censored, not blocked
+    cut = st.stiff_sweep(prob, [1e-3], [4], tau_max=0.56)
+    assert np.isfinite(cut.drops[0]).sum() == 3
+    assert not st.blocked_runs(prob, cut).any()
     att = st.Attention.build(3, 31, 200, 4, 0)
     assert not st.blocked_runs(att, st.stiff_sweep(att, [1e-2], [1])).any()

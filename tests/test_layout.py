@@ -67,3 +67,16 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     bad.write_text("def f():\n    from ..book import pipeline\n    from ..studies.drift import x\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert [t for _, t in imported_rooms(bad)] == ["book", "studies"]
+
+
+def test_the_engine_loads_lazily_and_lists_every_module():
+    """``sim`` loads its modules on first use (the command line needs none of torch, scipy.stats,
+    sympy); a module missing from its list would be unreachable as ``sim.<name>``."""
+    import subprocess
+
+    from saddle_escape import sim
+    files = {p.stem for p in (PACKAGE / "sim").glob("*.py") if p.stem != "__init__"}
+    assert set(sim._MODULES) == files
+    probe = "import sys, saddle_escape.book; print(sorted({'torch', 'scipy.stats', 'sympy'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -248,3 +248,15 @@ def test_stuck_runs_are_found_and_rest_at_a_saddle():
     (aside,) = fam["set_aside"]
     assert aside["ray"] == 7 and aside["loss_fraction"][0] > 0.1      # far above the global minimum 0
     assert aside["eig"][0, 0] < 0                                       # a saddle, not a local minimum
+
+
+def test_linear_moments_gradient_equals_autograd():
+    pr = I.base_linear(1.0, 4, 0)
+    th = pr.model.init(0.3, [1, 2, 3])
+    g, L = I.linear_moments_gradient(pr.model, pr.data)(th)
+    g_ref, L_ref = pr.model.flow(pr.data)._autograd(th)
+    assert torch.allclose(g, g_ref, rtol=0, atol=1e-13) and torch.allclose(L, L_ref, rtol=0, atol=1e-13)
+    eta = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)      # gradient descent's eta L, one per run
+    g_eta, L_eta = I.linear_moments_gradient(pr.model, pr.data, eta)(th)
+    assert torch.allclose(g_eta, eta[:, None] * g_ref, rtol=0, atol=1e-13)
+    assert torch.allclose(L_eta, eta * L_ref, rtol=0, atol=1e-13)

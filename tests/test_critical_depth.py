@@ -1,4 +1,6 @@
 """The critical-depth helpers: class D refused, derived rate, two-leg sweep, windows."""
+import pickle
+
 import numpy as np
 import pytest
 
@@ -47,6 +49,12 @@ def test_one_batch_per_depth_gives_each_configuration_its_own_times():
         np.testing.assert_allclose(s.times, alone.times, rtol=1e-9)
         assert s.reference == alone.reference
     assert together[2, 4].batch_grad_evals == together[3, 4].batch_grad_evals
+    # the depths are tasks a cluster can run: what crosses to a worker and back pickles
+    shipped = lambda f, xs: [pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(f))(pickle.loads(pickle.dumps(x)))))
+                             for x in xs]
+    remote = cd.sweeps("tanh", [(2, 4), (3, 4), (1, 3)], eps, TEACHER, big=1.5, map=shipped)
+    for key, s in together.items():
+        np.testing.assert_array_equal(remote[key].times, s.times)
 
 
 def test_stable_window_rule():

@@ -13,6 +13,7 @@ to a hand-off scale, then -- with the clock restarted -- the escape; the two tim
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ def sweep(activation, r: int, depth: int, eps, teacher: ScalarTeacher, big: floa
 def sweeps(activation, configs, eps, teacher: ScalarTeacher, big: float = 1.0,
            pilot_eps: float | None = None, handoff: float = 0.05, t_max_factor: float = 20.0,
            rtol: float = 1e-9, atol: float = 1e-14, n_nodes: int = 80,
-           references: dict | None = None) -> dict[tuple[int, int], Sweep]:
+           references: dict | None = None, map=map) -> dict[tuple[int, int], Sweep]:
     """Escape times of every (r, L) in ``configs`` over ``eps``.
 
     One pilot per (r, L) (post-escape reference at ``pilot_eps``) unless ``references`` has it;
@@ -178,20 +179,27 @@ def sweeps(activation, configs, eps, teacher: ScalarTeacher, big: float = 1.0,
     The saddle phase runs until the bottleneck RMS scale reaches ``handoff``, in as many legs as
     the float64 clock needs (:func:`handoff_ratio`); the last leg restarts the clock there and
     detects the escape events (thresholds from the original initial loss). Runs get ``t_max =
-    t_max_factor * (T_r(eps)/a + reference time)``."""
+    t_max_factor * (T_r(eps)/a + reference time)``.
+
+    ``map`` runs the depths' batches (independent tasks): the builtin in this process, or a
+    chapter's ``book.task_map()`` on a cluster, with identical numbers."""
     eps = np.asarray(eps, float)
     by_depth: dict[int, list[int]] = {}
     for r, depth in configs:
         by_depth.setdefault(depth, []).append(r)
+    task = functools.partial(_depth_batch, getattr(activation, "name", activation), eps=eps, teacher=teacher,
+                             big=big, pilot_eps=pilot_eps, handoff=handoff, t_max_factor=t_max_factor,
+                             rtol=rtol, atol=atol, n_nodes=n_nodes, references=references or {})
     out = {}
-    for depth, rs in by_depth.items():
-        out.update(_depth_batch(activation, depth, rs, eps, teacher, big, pilot_eps, handoff, t_max_factor,
-                                rtol, atol, n_nodes, references or {}))
+    for batch in map(task, list(by_depth.items())):
+        out.update(batch)
     return {c: out[c] for c in configs}
 
 
-def _depth_batch(activation, depth, rs, eps, teacher, big, pilot_eps, handoff, t_max_factor, rtol, atol,
+def _depth_batch(activation, depth_rs, *, eps, teacher, big, pilot_eps, handoff, t_max_factor, rtol, atol,
                  n_nodes, references) -> dict[tuple[int, int], Sweep]:
+    """All runs of one depth (``depth_rs = (L, [r, ...])``), one batched integration; a task of :func:`sweeps`."""
+    depth, rs = depth_rs
     start = time.perf_counter()
     chain = ScalarChain(activation, depth, teacher, n_nodes=n_nodes)
     term = ChainFlow(chain)

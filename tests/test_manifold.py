@@ -99,3 +99,22 @@ def test_chapter04_refuses_a_horizon_without_the_escape(tmp_path):
     with pytest.raises(ParameterError, match="t_max.*has not escaped"):
         for k, src in enumerate(cells[1: last + 1]):
             exec(compile(src, f"cell{k + 1}", "exec"), ns)
+
+
+def test_gd_full_vs_chain_roundoff_bound_fails_for_a_wrong_chain():
+    # the claim manifold.gd_full_vs_reduced: GD on the full network against GD on the chain over a
+    # window, bounded by steps * (nodes + N) * u. The right chain sits far below the bound; a chain
+    # whose teacher is off by 1e-6 (a modelling error, not round-off) lands far above it
+    teacher = data.ScalarTeacher(1.0, 0.0)
+    chain = reduced.ScalarChain("tanh", 3, teacher, width=3)
+    X0 = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64)
+    ts = torch.arange(41, dtype=torch.float64) * 0.5
+    traj = manifold.full_vs_reduced(chain, X0, 2, ts, 1e-9, 1e-6)
+    i_end = 40
+    full = manifold.gd_full_network(traj, 0.5, i_end)
+    bound = manifold.gd_roundoff_bound(i_end, chain)
+    right = manifold.gd_errors(chain, X0, [0.5, 0.25], traj, i_end)[2][0]
+    assert manifold.relative_error(full, right).max().item() < bound
+    wrong_chain = reduced.ScalarChain("tanh", 3, data.ScalarTeacher(1.0 + 1e-6, 0.0), width=3)
+    wrong = manifold.gd_errors(wrong_chain, X0, [0.5, 0.25], traj, i_end)[2][0]
+    assert manifold.relative_error(full, wrong).max().item() > 100 * bound

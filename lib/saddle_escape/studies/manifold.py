@@ -197,17 +197,36 @@ def relative_error(X: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def gd_errors(chain: ScalarChain, X0: torch.Tensor, step_sizes, traj: Trajectories, i_p: int):
-    """Gradient descent on the chain for every learning rate in one batch, against the flow:
-    (errors maximised over the grid, errors at grid index ``i_p``, iterates on the grid per rate).
-    Every rate must divide the grid spacing ``ts[1]``."""
+    """Gradient descent on the chain for every learning rate in one batch, against the flow, on
+    the plateau window ``ts[0] .. ts[i_p]`` (fixed by the loss rule of :func:`plateau_end`, not by
+    the errors): (errors maximised over the window, errors at ``i_p``, iterates on the window's
+    grid per rate). Every rate must divide the grid spacing ``ts[1]``.
+
+    The window stops at the end of the plateau because past it the steps are not bounded by the
+    plateau's curvature: for GELU and Swish the curvature keeps growing after the escape (the
+    first layer shrinks while the others grow), and a step that is accurate on the plateau
+    oscillates there."""
     spacing = traj.ts[1].item()
-    X, _ = gradient_descent_batch(chain.loss, X0, step_sizes, float(traj.ts[-1]))
-    n = traj.ts.numel()
+    X, _ = gradient_descent_batch(chain.loss, X0, step_sizes, float(traj.ts[i_p]))
+    n = i_p + 1
     on_grid = [X[b, : (n - 1) * round(spacing / eta) + 1 : round(spacing / eta)]
                for b, eta in enumerate(step_sizes)]
-    worst = [relative_error(Xg, traj.X_red).max().item() for Xg in on_grid]
+    worst = [relative_error(Xg, traj.X_red[:n]).max().item() for Xg in on_grid]
     at_p = [relative_error(Xg[i_p], traj.X_red[i_p]).item() for Xg in on_grid]
     return worst, at_p, on_grid
+
+
+def gd_roundoff_bound(n_steps: int, chain: ScalarChain) -> float:
+    """Largest round-off disagreement allowed between gradient descent on the full network and on
+    the chain after ``n_steps`` identical steps: ``n_steps * (n_nodes + N) * u``, ``u = 2^-53``.
+
+    Each step's gradient is a sum over the quadrature nodes (and, in the full network, over the
+    N units of a layer); the classical worst-case bound for a sum of n terms is ``(n - 1) u`` of
+    the sum of magnitudes (Higham, Accuracy and Stability, 4.2), and on the plateau the flow
+    neither amplifies nor damps a relative error of the growing mode, so the errors of the steps
+    add up. A modelling difference (another teacher, width or map) is not made of round-off and
+    does not scale with ``u``."""
+    return float(n_steps * (chain.n_nodes + chain.width) * torch.finfo(DTYPE).eps / 2)
 
 
 def gd_order(step_sizes, errors) -> dict:
@@ -247,14 +266,14 @@ def gd_order(step_sizes, errors) -> dict:
             "fit": fits.power_law(eta, err)}
 
 
-def gd_full_network(traj: Trajectories, step: float) -> torch.Tensor:
-    """Gradient descent on the full network with learning rate ``step``: layer norms (T, L) on
-    the grid (``step`` must equal the grid spacing)."""
+def gd_full_network(traj: Trajectories, step: float, i_end: int) -> torch.Tensor:
+    """Gradient descent on the full network with learning rate ``step`` up to ``ts[i_end]``:
+    layer norms (i_end + 1, L) on the grid (``step`` must equal the grid spacing)."""
     net = traj.net
-    # half a step past the grid's end: k * step accumulated in float64 can land a hair before
-    # ts[-1], and a save point past the last step would come back NaN
-    sol = solve(traj.term, traj.theta0, float(traj.ts[-1]) + 0.5 * step, solver=Euler(), controller=ConstantStep(step),
-                saveat=SaveAt(traj.ts, fn=lambda th: networks.layer_norms(net, th)))
+    # half a step past the window's end: k * step accumulated in float64 can land a hair before
+    # ts[i_end], and a save point past the last step would come back NaN
+    sol = solve(traj.term, traj.theta0, float(traj.ts[i_end]) + 0.5 * step, solver=Euler(), controller=ConstantStep(step),
+                saveat=SaveAt(traj.ts[: i_end + 1], fn=lambda th: networks.layer_norms(net, th)), max_steps=10_000_000)
     return sol.ys[0]
 
 

@@ -8,6 +8,7 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PROFILE ?= full
 JOBS    ?= 1
+TEST_JOBS ?= auto
 CH      ?=
 ARGS    ?=
 PIP_ARGS ?=
@@ -42,8 +43,10 @@ venv: $(STAMP)
 book: venv
 	$(PY) -m saddle_escape book --profile $(PROFILE) -j $(JOBS)
 
+# The tests run on every core (pytest-xdist), a test file per worker at a time (module fixtures
+# such as a LocalCluster or the quick book are then set up once).
 test: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile tests
 
 chapter: venv
 	@test -n "$(CH)" || { echo "usage: make chapter CH=05 ARGS='-p eps_min 1e-5'"; exit 2; }

@@ -1,6 +1,7 @@
 """The built book in a real browser: headless Chromium driven by Playwright.
 
-Builds the quick-profile book (chapters are cached from tests/test_chapters.py), serves it on
+Builds the quick-profile book (its chapters one per core; tests/test_chapters.py then finds them
+cached, or this finds them cached from there when it runs first), serves it on
 localhost and, for every page of _toc.yml: no console errors, every image decoded, every equation
 typeset by the locally served MathJax, every internal link and anchor resolves; the claims ledger
 shows no failed claim; full-page screenshots at desktop and phone widths land in _build/screenshots.
@@ -29,6 +30,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from saddle_escape.book import pipeline
+from saddle_escape.book.executor import ProcessExecutor, default_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "_build" / "screenshots"
@@ -63,9 +65,14 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def site():
+def site(quick_book_lock):
     project = pipeline.Project.at(ROOT)
-    assert pipeline.build_book(project, profile="quick") == 0, "the quick book did not build"
+    executor = ProcessExecutor(default_workers())    # the chapters one per core, as `book -j`
+    try:
+        with quick_book_lock():
+            assert pipeline.build_book(project, profile="quick", executor=executor) == 0, "the quick book did not build"
+    finally:
+        executor.close()
     html = project.out_dir("quick") / "_build" / "html"
     handler = functools.partial(_QuietHandler, directory=str(html))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -14,10 +14,10 @@ CHAPTERS = [p for p in (PROJECT.chapter_source(doc) for doc in pipeline.toc_chap
 
 
 @pytest.fixture(scope="module")
-def quick_results(request) -> dict:
+def quick_results(request, quick_book_lock) -> dict:
     """The selected chapters at once, one per core (the chapters are independent, so the wall time
     is the slowest core's share instead of the sum). The quick-profile output folder is shared
-    with tests/test_browser.py, whose book build then finds every chapter cached."""
+    with tests/test_browser.py: whichever runs second finds every chapter cached."""
     selected = {item.callspec.params["source"] for item in request.session.items
                 if item.module is request.module and hasattr(item, "callspec")}
     tasks = [pipeline.ChapterTask(source, PROJECT.out_dir("quick"), profile="quick",
@@ -25,7 +25,8 @@ def quick_results(request) -> dict:
              for source in CHAPTERS if source in selected]
     executor = ProcessExecutor(min(default_workers(), len(tasks)))
     try:
-        results = pipeline.run_chapters(tasks, executor)
+        with quick_book_lock():
+            results = pipeline.run_chapters(tasks, executor)
     finally:
         executor.close()
     return {r.chapter: r for r in results}

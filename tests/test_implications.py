@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saddle_escape import book
-from saddle_escape.sim import fits
+from saddle_escape.sim import fits, saxe
 from saddle_escape.sim.errors import ParameterError
 from saddle_escape.sim.integrate import ConstantStep, Euler, solve
 from saddle_escape.studies import implications as I
@@ -253,10 +253,11 @@ def test_stuck_runs_are_found_and_rest_at_a_saddle():
 def test_linear_moments_gradient_equals_autograd():
     pr = I.base_linear(1.0, 4, 0)
     th = pr.model.init(0.3, [1, 2, 3])
-    g, L = I.linear_moments_gradient(pr.model, pr.data)(th)
+    moment_flow = lambda scale=1.0: saxe.linear_flow(pr.model, saxe.Moments.of(pr.data), scale)
+    g, L = moment_flow()._neg_grad_and_loss(th)                   # what Problem.flow uses for linear nets
     g_ref, L_ref = pr.model.flow(pr.data)._autograd(th)
     assert torch.allclose(g, g_ref, rtol=0, atol=1e-13) and torch.allclose(L, L_ref, rtol=0, atol=1e-13)
     eta = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)      # gradient descent's eta L, one per run
-    g_eta, L_eta = I.linear_moments_gradient(pr.model, pr.data, eta)(th)
+    g_eta, L_eta = moment_flow(eta)._neg_grad_and_loss(th)
     assert torch.allclose(g_eta, eta[:, None] * g_ref, rtol=0, atol=1e-13)
     assert torch.allclose(L_eta, eta * L_ref, rtol=0, atol=1e-13)

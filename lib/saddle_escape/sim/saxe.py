@@ -70,23 +70,26 @@ def whitened_singular_values(moments: Moments, rcond: float = 1e-10) -> torch.Te
     return torch.linalg.svdvals(moments.syx @ root_inv)
 
 
-def linear_flow(model: TwoLayer, moments: Moments) -> GradientFlow:
+def linear_flow(model: TwoLayer, moments: Moments, scale=1.0) -> GradientFlow:
     """Gradient flow of a linear fully connected :class:`~saddle_escape.sim.twolayer.TwoLayer` (``W = V^T U``) on the exact
     moment loss, with the hand-written gradient ``-dL/dV = U R^T``, ``-dL/dU = V R``
     (``R = Sigma_yx - W Sigma_xx``): the same flow as ``model.flow(data)`` at a cost independent of
-    the number of samples."""
+    the number of samples. ``scale`` (a number, or one per run) multiplies the loss: gradient
+    descent with step ``eta`` is unit steps on ``eta L``, so runs of different ``eta`` share a clock."""
     if model.unit.name != "linear":
         raise ParameterError("unit", model.unit.name, "must be linear for the moment-form flow")
+    c = torch.as_tensor(scale, dtype=moments.sxx.dtype)
+    c_rows = c if c.ndim == 0 else c[:, None]
 
     def loss(theta):
         V, U = model.unflatten(theta)
-        return moments.loss(V.transpose(-1, -2) @ U)
+        return c * moments.loss(V.transpose(-1, -2) @ U)
 
     def neg_grad_and_loss(theta):
         V, U = model.unflatten(theta)
         W = V.transpose(-1, -2) @ U
         R = moments.residual(W)
-        return model.flatten(U @ R.transpose(-1, -2), V @ R), moments.loss(W)
+        return c_rows * model.flatten(U @ R.transpose(-1, -2), V @ R), c * moments.loss(W)
 
     return GradientFlow(loss, neg_grad_and_loss)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..sim import escape, fits
+from ..sim import escape, fits, saxe
 from ..sim.data import DTYPE, Dataset, gaussian_samples, linear_teacher_data, linear_teacher_matrix
 from ..sim.errors import ParameterError
 from ..sim.integrate import ConstantStep, Euler, Event, GradientFlow, PIController, SaveAt, solve
@@ -47,33 +47,9 @@ class Problem:
 
     @property
     def flow(self) -> GradientFlow:
-        if self.model.unit.name == "linear":
-            return GradientFlow(lambda th: self.model.loss(th, self.data), linear_moments_gradient(self.model, self.data))
+        if self.model.unit.name == "linear":    # hand-written gradient: autograd's overhead dominates here
+            return saxe.linear_flow(self.model, saxe.Moments.of(self.data))
         return self.model.flow(self.data)
-
-
-def linear_moments_gradient(model: TwoLayer, data: Dataset, scale=1.0):
-    """``theta -> (-scale grad L, scale L)`` of a linear network ``W = sum_i v_i u_i^T`` from the
-    data's second moments: ``L = 1/2 E||y||^2 - tr(W^T S_yx) + 1/2 tr(W S_xx W^T)``, ``dL/dW =
-    W S_xx - S_yx``, ``dL/dv_i = (dL/dW) u_i``, ``dL/du_i = (dL/dW)^T v_i``. The same numbers as
-    autograd through ``TwoLayer.loss`` (tested) at a fraction of its per-call overhead, which
-    dominates on these few-dozen-parameter networks. ``scale`` (a number or one per run) gives
-    gradient descent's ``eta L`` on one clock (:func:`mode_run`)."""
-    w = data.w
-    Sxx = (data.x * w[:, None]).T @ data.x
-    Syx = (data.y * w[:, None]).T @ data.x
-    Syy = float((data.y * data.y * w[:, None]).sum())
-    c = torch.as_tensor(scale, dtype=DTYPE)
-
-    def neg_grad_and_loss(theta):
-        V, U = model.unflatten(theta)                       # (B, H, m), (B, H, d)
-        W = V.transpose(-1, -2) @ U                         # (B, m, d)
-        G = W @ Sxx - Syx
-        L = 0.5 * Syy - (W * Syx).sum((-2, -1)) + 0.5 * ((W @ Sxx) * W).sum((-2, -1))
-        g = model.flatten(U @ G.transpose(-1, -2), V @ G)
-        cc = c if c.ndim == 0 else c[:, None]
-        return -cc * g, (c * L)
-    return neg_grad_and_loss
 
 
 def power_spectrum(n: int, kappa: float, top: float = 1.0) -> np.ndarray:
@@ -310,8 +286,9 @@ def mode_run(problem: Problem, theta0: torch.Tensor, t_max, ts=None, gd_steps=No
         term, solver, ctrl = problem.flow, None, PIController(rtol=RTOL, atol=ATOL)
     else:
         eta = torch.as_tensor(gd_steps, dtype=DTYPE)
-        term = GradientFlow(lambda th: eta * model.loss(th, data),   # every run stays active: no terminal event
-                            linear_moments_gradient(model, data, eta) if model.unit.name == "linear" else None)
+        # unit steps on eta * L; every run stays active: no terminal event
+        term = (saxe.linear_flow(model, saxe.Moments.of(data), eta) if model.unit.name == "linear"
+                else GradientFlow(lambda th: eta * model.loss(th, data)))
         solver, ctrl = Euler(), ConstantStep(1.0)
     events = [Event(lambda t, y, runs, k=k: 0.5 * s[k] - a_of(y)[:, k], -1, terminal=False, name=f"mode{k}")
               for k in range(len(s))]

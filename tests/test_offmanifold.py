@@ -68,3 +68,20 @@ def test_digits_covariance():
     assert torch.all(s.diag()[:-1] >= s.diag()[1:])
     with pytest.raises(ParameterError):
         om.digits_covariance(100)
+
+
+def test_experiments_as_pickled_tasks_give_identical_numbers(setup):
+    import pickle
+
+    net, ds = setup
+    items = [(ds, 3), (ds, 2)]
+    local = om.run_experiments(net, items, [3e-2, 1e-2], [1, 2], rtol=1e-6)
+    # the r are tasks a cluster can run: what crosses to a worker and back pickles
+    ship = lambda x: pickle.loads(pickle.dumps(x))
+    shipped = lambda f, xs: [ship(ship(f)(ship(x))) for x in xs]
+    remote = om.run_experiments(net, items, [3e-2, 1e-2], [1, 2], map=shipped, rtol=1e-6)
+    assert [e.r for e in remote] == [3, 2]
+    for a, b in zip(local, remote):
+        np.testing.assert_array_equal(a.times, b.times)
+        np.testing.assert_array_equal(a.sweep.level_obs, b.sweep.level_obs)
+        assert a.loss_ref == b.loss_ref

@@ -11,18 +11,22 @@ The chapter's experiment in three calls:
   when its loss crosses halfway between its own plateau ``L(0)`` and the reference, and saves
   observables (loss, signal energy, manifold distance) on a shared log-time grid on the way.
 
+:func:`run_experiments` runs several (data, r) experiments as independent tasks through a ``map``
+(a chapter's ``book.task_map()``: on a cluster when one is configured), with identical numbers.
+
 Signal energy: ``gamma(W) = ||E[y_hat x]||^2``, the squared end-to-end input-output correlation
 (the write-up's ``f = E[y_hat x^T]``, squared). With ``r`` layers of scale eps it is ``O(eps^(2r))``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..sim import fits
+from ..sim import activations, fits
 from ..sim.data import Dataset
 from ..sim.integrate import Event, GradientFlow, PIController, SaveAt, last_value_cache, solve
 from ..sim.networks import MLP, manifold_distance
@@ -201,6 +205,26 @@ def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps
     sweep = escape_sweep(term, theta0, loss_ref, t_max, observables(net, data, layers, loss_fn),
                          lambda y: signal_energy(net, data, y), gamma_factors, n_save=n_save, rtol=rtol)
     return Experiment(r, layers, S, E, loss_ref, sweep)
+
+
+def run_experiments(net: MLP, items, eps_values, seeds, map=map, **options) -> list[Experiment]:
+    """:func:`run_experiment` for every ``(data, r)`` of ``items``, in input order.
+
+    Each item is one batched integration (all its seeds and eps), an independent task: ``map`` is
+    the builtin (in this process) or a chapter's ``book.task_map()`` (on a cluster), with identical
+    numbers. What crosses to a worker pickles: the network travels as its widths and activation
+    name (an activation holds lambdas), ``options`` are :func:`run_experiment`'s keywords."""
+    act = net.activation
+    task = functools.partial(_experiment_task, tuple(net.widths), act.name, tuple(sorted(act.params.items())),
+                             eps_values=list(eps_values), seeds=list(seeds), **options)
+    return list(map(task, list(items)))
+
+
+def _experiment_task(widths, activation, act_params, item, **options) -> Experiment:
+    """One ``(data, r)`` of :func:`run_experiments`, with the network rebuilt from its description."""
+    data, r = item
+    net = MLP(tuple(widths), activations.get(activation, **dict(act_params)))
+    return run_experiment(net, data, r, **options)
 
 
 def offset_power_law(eps, t, groups, n_boot: int = 400, seed: int = 0, level: float = 0.95):

@@ -54,6 +54,54 @@ def test_quadratic_escape_follows_one_over_eps_with_derived_prefactor(check):
     assert not check(1.05 * s.times[-1] * s.eps[-1] / s.prefactor, 1.0, 0.02, "rel")
 
 
+class _Budgeted(I.Problem):
+    """A problem whose gradient flow refuses to evaluate the loss more than ``budget`` times."""
+
+    budget = 40_000
+
+    @property
+    def flow(self):
+        from saddle_escape.sim.integrate import GradientFlow
+        calls = [0]
+
+        def loss(theta):
+            calls[0] += 1
+            if calls[0] > self.budget:
+                raise RuntimeError(f"over budget: {self.budget} loss evaluations")
+            return self.model.loss(theta, self.data)
+        return GradientFlow(loss)
+
+
+def test_pilot_settles_where_one_unit_rests_above_the_old_drop(check):
+    """Seed 6: the quadratic unit's output weight starts negative, it learns the teacher's -0.6
+    direction and rests at 0.82 L(0), above the old pilot's drop = 0.8; the pilot, whose horizon
+    came from the smallest eps, integrated for hours (run 12 -p seed 6 hung)."""
+    pr = I.synthesis_problem("quadratic", 6)
+    pr = _Budgeted(pr.model, pr.data, pr.description)
+    eps = np.array([1e-2, 1e-3, 1e-4])
+    s = I.escape_sweep(pr, eps, 6)
+    assert s.reference.loss > 0.8 * float(pr.model.loss(pr.model.init(0.05, [6]), pr.data)[0])
+    assert not s.censored.any()
+    assert check(fits.power_law(s.eps, s.times).slope, -1.0, 0.02)
+    # a drop the unit cannot reach now fails in a bounded number of steps, with the pilot's message
+    with pytest.raises(RuntimeError, match="did not escape and settle"):
+        I.escape_sweep(pr, eps, 6, drop=0.8)
+
+
+def test_linear_pilot_waits_for_the_weights_to_grow(check):
+    """Seed 4: at the pilot's eps = 0.05 a linear unit's exponential growth passes the settle test
+    at 0.95 L(0) mid-escape; the norm guard waits for the rest point, where one unit has learned
+    the top mode: L = (s2^2 + s3^2) / 2 (whitened data)."""
+    pr = I.synthesis_problem("linear", 4)
+    th = 0.05 * pr.model.init(1.0, [4])
+    best = 0.5 * sum(v * v for v in pr.spectrum[1:])
+    ref = I.pilot_reference(pr.flow, th, 0.05, 500.0)
+    assert check(ref.loss, best, 0.03, "rel")
+    from saddle_escape.sim import escape
+    loss_only = escape.post_escape_reference(pr.flow, th, I.theta_norm, 500.0, drop=0.95)   # no norm guard
+    assert not check(loss_only.loss, best, 0.03, "rel")
+
+
 def test_log_law_claim_fails_for_a_power_law(check):
     eps = np.logspace(-2, -8, 4)
     t_log = 3.0 + np.log(1 / eps)

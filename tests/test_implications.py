@@ -102,6 +102,22 @@ def test_linear_pilot_waits_for_the_weights_to_grow(check):
     assert not check(loss_only.loss, best, 0.03, "rel")
 
 
+@pytest.mark.parametrize("unit", ["quadratic", "cubic", "attention"])
+@pytest.mark.parametrize("leading", [False, True])
+def test_written_out_gradient_equals_autograd(unit, leading):
+    pr = (I.attention_problem([1.0, 0.5, 0.25], 3, 0) if unit == "attention"
+          else I.unit_teacher_problem(unit, 3, 0))
+    th = pr.model.init(0.7, [1, 2])
+    auto = I.leading_order_flow(pr.model, pr.data) if leading else pr.model.flow(pr.data)
+    mine = I.power_unit_flow(pr.model, pr.data, leading=leading)
+    g_auto, g_mine = auto(0.0, th), mine(0.0, th)
+    assert torch.allclose(g_mine, g_auto, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(mine.loss(th), auto.loss(th), rtol=1e-12, atol=1e-15)
+    # a wrong input: the same weights on another unit's data give another gradient
+    other = I.power_unit_flow(pr.model, I.Dataset(pr.data.x, -pr.data.y, pr.data.w), leading=leading)
+    assert not torch.allclose(other(0.0, th), g_auto, rtol=1e-6)
+
+
 def test_log_law_claim_fails_for_a_power_law(check):
     eps = np.logspace(-2, -8, 4)
     t_log = 3.0 + np.log(1 / eps)

@@ -85,3 +85,22 @@ def test_experiments_as_pickled_tasks_give_identical_numbers(setup):
         np.testing.assert_array_equal(a.times, b.times)
         np.testing.assert_array_equal(a.sweep.level_obs, b.sweep.level_obs)
         assert a.loss_ref == b.loss_ref
+
+
+def test_step_exponent_change_fails_for_an_eps_dependent_step_error():
+    # realistic times of r = 3: A / eps + C, three seeds with their own prefactor
+    eps = np.tile([3e-2, 1e-2, 3e-3, 1e-3, 3e-4], 3)
+    seeds = np.repeat([1, 2, 3], 5)
+    t = np.repeat([1.0, 3.5, 3.0], 5) * 8.0 / eps + 5.0
+    # relative steps: the step error is a constant factor on the times -> the exponent stays
+    assert om.step_exponent_change(eps, t * 1.03, t, seeds) < 1e-3
+    # a step error growing as eps shrinks (e.g. a step not scaled with the plateau) -> the claim fails
+    assert om.step_exponent_change(eps, t * (eps / 3e-2) ** -0.03, t, seeds) > 0.01
+
+
+def test_relu_runs_as_relative_step_gradient_descent():
+    ds = data.single_index_samples(data.ScalarTeacher(1.0, 0.3), 64, 4, seed=0)
+    net = networks.MLP.build(4, 6, 4, "relu")
+    ex = om.run_experiment(net, ds, 3, [3e-2, 3e-3], [1], step_fraction=0.05, pilot_drop=0.9)
+    assert np.all(np.isfinite(ex.times)) and ex.sweep.solution.n_steps.max() < 1000
+    assert 5 < ex.times[1] / ex.times[0] < 15          # t_esc ~ 1/eps for r = 3

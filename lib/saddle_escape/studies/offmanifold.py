@@ -69,17 +69,18 @@ def observables(net: MLP, data: Dataset, layers, loss_fn):
 
 
 def pilot_loss_reference(term: GradientFlow, theta0: torch.Tensor, t_max: float, drop: float = 0.5,
-                         extra: float = 1.0, rtol: float = 1e-7, atol: float = 1e-12) -> float:
+                         extra: float = 1.0, rtol: float = 1e-7, atol: float = 1e-12, stepper=None) -> float:
     """Loss of one pilot run (1, P) at ``(1 + extra) t_drop``, where ``t_drop`` is when its loss
-    first falls below ``drop * L(0)``."""
+    first falls below ``drop * L(0)``. ``stepper``: None (Dopri5 with error control) or a
+    :class:`~saddle_escape.sim.relative_step.RelativeStepGD` (solver and controller in one)."""
     L0 = term.loss(theta0)
-    ctrl = PIController(rtol=rtol, atol=atol)
-    sol = solve(term, theta0, t_max, controller=ctrl,
-                events=[Event(lambda t, y, runs: term.loss(y) - drop * L0[runs], -1, name="drop")])
+    kw = dict(controller=PIController(rtol=rtol, atol=atol)) if stepper is None else dict(solver=stepper, controller=stepper)
+    sol = solve(term, theta0, t_max, events=[Event(lambda t, y, runs: term.loss(y) - drop * L0[runs], -1, name="drop")],
+                **kw)
     t_drop = sol.event_times[0, 0].item()
     if not math.isfinite(t_drop):
         raise RuntimeError(f"the pilot run did not escape before t_max = {t_max:g}; use a larger pilot eps")
-    sol = solve(term, sol.y_final, extra * t_drop, controller=ctrl)
+    sol = solve(term, sol.y_final, extra * t_drop, **kw)
     return term.loss(sol.y_final).item()
 
 
@@ -101,7 +102,7 @@ class Sweep:
 
 def escape_sweep(term: GradientFlow, theta0: torch.Tensor, loss_ref: float, t_max: float, obs_fn,
                  gamma_fn, gamma_factors=(), n_save: int = 120, t_min_save: float = 1e-2,
-                 rtol: float = 1e-7, atol: float = 1e-12) -> Sweep:
+                 rtol: float = 1e-7, atol: float = 1e-12, stepper=None) -> Sweep:
     """All runs of ``theta0`` (B, P) in one integration; each stops at its escape: the loss crossing
     ``(L(0) + loss_ref) / 2``. ``obs_fn`` (theta -> (B, len(OBSERVABLES)), e.g.
     :func:`observables`) is saved at t = 0 and on a log grid from ``t_min_save`` to ``t_max``.
@@ -118,8 +119,8 @@ def escape_sweep(term: GradientFlow, theta0: torch.Tensor, loss_ref: float, t_ma
                     torch.logspace(math.log10(t_min_save), math.log10(t_max), n_save, dtype=theta0.dtype)])
     # the slowest escapes (class C, r = 5, smallest eps) come after t ~ 3e12 and still need steps
     # of O(0.1): the default collapse test (rejected steps below 1e-13 t) would stop them there
-    sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol), events=events,
-                saveat=SaveAt(ts, fn=obs_fn), min_relative_step=1e-15)
+    kw = dict(controller=PIController(rtol=rtol, atol=atol)) if stepper is None else dict(solver=stepper, controller=stepper)
+    sol = solve(term, theta0, t_max, events=events, saveat=SaveAt(ts, fn=obs_fn), min_relative_step=1e-15, **kw)
 
     def at_events(k):  # obs_fn at the states where event k fired (NaN where it did not)
         out = np.full((theta0.shape[0], len(OBSERVABLES)), np.nan)
@@ -189,21 +190,30 @@ class Experiment:
 
 def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps: float = 0.3,
                    t_max: float = 1e12, rtol: float = 1e-6, gamma_factors=tuple(10.0 ** np.arange(1, 19)),
-                   n_save: int = 120) -> Experiment:
+                   n_save: int = 120, step_fraction: float | None = None, pilot_drop: float = 0.5) -> Experiment:
     """He-normal nets (one per seed), the last ``r`` layers scaled by each eps; a pilot at
-    ``pilot_eps`` (first seed) sets the reference loss; all (seed, eps) runs go in one batch."""
+    ``pilot_eps`` (first seed) sets the reference loss (at twice the time its loss first fell below
+    ``pilot_drop * L(0)``); all (seed, eps) runs go in one batch.
+
+    ``step_fraction`` None: Dopri5 with error control ``rtol``; a number c: gradient descent with
+    relative steps (:class:`~saddle_escape.sim.relative_step.RelativeStepGD`, every layer moves by at
+    most the fraction c per step; the pilot's steps also at most 0.5) -- for a non-smooth activation."""
+    from ..sim.relative_step import RelativeStepGD
     from ..sim.networks import he_normal, population_loss
 
     layers = bottleneck_layers(net.depth, r)
     loss_fn = population_loss(net, data)
     term = GradientFlow(loss_fn)
+    gd = None if step_fraction is None else RelativeStepGD(net.sizes, step_fraction)
     loss_ref = pilot_loss_reference(term, he_normal(net, [seeds[0]], eps=pilot_eps, bottleneck=layers),
-                                    t_max, rtol=rtol)
+                                    t_max, drop=pilot_drop, rtol=rtol,
+                                    stepper=None if gd is None else RelativeStepGD(net.sizes, step_fraction, h_max=0.5))
     S = np.array([s for s in seeds for _ in eps_values])
     E = np.array([e for _ in seeds for e in eps_values], dtype=float)
     theta0 = he_normal(net, S.tolist(), eps=torch.as_tensor(E), bottleneck=layers)
     sweep = escape_sweep(term, theta0, loss_ref, t_max, observables(net, data, layers, loss_fn),
-                         lambda y: signal_energy(net, data, y), gamma_factors, n_save=n_save, rtol=rtol)
+                         lambda y: signal_energy(net, data, y), gamma_factors, n_save=n_save, rtol=rtol,
+                         stepper=gd)
     return Experiment(r, layers, S, E, loss_ref, sweep)
 
 
@@ -264,6 +274,14 @@ def offset_power_law(eps, t, groups, n_boot: int = 400, seed: int = 0, level: fl
     fit = fits.Fit(float(best[1]), float(best[0]), float(lo), float(hi), float(r2),
                    (float(eps.min()), float(eps.max())), int(keep.sum()))
     return fit, float(best[2])
+
+
+def step_exponent_change(eps, times, times_half, seeds) -> float:
+    """``|p(c) - p(c/2)|``: how much the exponent of :func:`offset_power_law` moves when the step
+    fraction of relative-step gradient descent is halved (``times``, ``times_half`` per run). A
+    step error that is a constant factor on the times leaves it ~0; one that depends on eps
+    (e.g. a step not scaled with the plateau's time scale) moves it."""
+    return abs(offset_power_law(eps, times, seeds)[0].slope - offset_power_law(eps, times_half, seeds)[0].slope)
 
 
 def inequality_ratios(exp: Experiment, k: float, lo_factor: float = 1e3, hi: float = 1e-3) -> np.ndarray:

@@ -94,6 +94,19 @@ def test_predictive_control_follows_the_escape_without_rejections(rtol):
     assert (pred.n_steps < plain.n_steps).all()
 
 
+def test_the_first_step_does_not_depend_on_the_unit_of_time():
+    """ydot = -k y to t = 3 / k is one problem in units of 1 / k: the solver must take the same steps
+    for k = 1 and k = 1e-12 (a plateau's slow field). Hairer's starting rule falls back to an
+    absolute h = 1e-6 for a slow field and pays about a step per decade of time to recover."""
+    y0 = torch.ones(1, 3, dtype=F64)
+    steps = {}
+    for k in (1.0, 1e-12):
+        sol = solve(ODETerm(lambda t, y, k=k: -k * y), y0, 3.0 / k, controller=PIController(rtol=1e-6, atol=1e-30))
+        assert ((sol.y_final - math.exp(-3.0)) / math.exp(-3.0)).abs().max() <= 1e-5
+        steps[k] = int(sol.n_steps[0])
+    assert steps[1e-12] == steps[1.0]
+
+
 def test_saveat_fn_and_runs_stop_at_their_own_events():
     term = _power_term(3)
     T = _hit_time(3, Y0[:, 0], THRESHOLD)

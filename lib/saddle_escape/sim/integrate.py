@@ -265,16 +265,23 @@ class PIController:
     def initial(self, term, t, y, f0, order):
         if self.dt0 is not None:
             return torch.full_like(t, float(self.dt0))
-        # Hairer, Norsett & Wanner, Solving ODEs I, II.4: a step where the Euler change is 1% of y.
+        # Hairer, Norsett & Wanner, Solving ODEs I, II.4: a trial step h0 whose Euler change is 1%
+        # of y, then a step from how much the field changes over it. Unlike there, the second
+        # estimate is relative to the field itself, rho = ||f(y + h0 f0) - f0|| / ||f0|| (about
+        # h0 / T for a field changing on the time scale T), so it does not depend on the units of
+        # time: Hairer's absolute h1 = (0.01 / max(d1, d2))^(1/p) starts a plateau at eps, whose
+        # field is O(eps^(r-1)), at a few time units, and factor_max then costs a step per decade
+        # before the steps reach the plateau's time scale. The start is still capped at 100 h0;
+        # y = 0 or a vanishing field keeps Hairer's fixed 1e-6.
         scale = self.atol + self.rtol * y.abs()
         d0 = _rms(y / scale)
         d1 = _rms(f0 / scale)
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        h0 = 0.01 * d0 / d1
+        h0 = torch.where((d0 < 1e-5) | ~torch.isfinite(h0), torch.full_like(d0, 1e-6), h0)
         f1 = term(t + h0, y + h0[:, None] * f0)
-        d2 = _rms((f1 - f0) / scale) / h0
-        dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
-                         (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / order))
+        rho = _rms((f1 - f0) / scale) / d1
+        h1 = h0 * (0.01 / rho.clamp_min(1e-300)) ** (1.0 / order)
+        h1 = torch.where(torch.isfinite(h1) & (d1 > 0), h1, torch.full_like(h0, 1e-6))
         return torch.minimum(100 * h0, h1).clamp(max=self.dt_max)
 
     def error_norm(self, err, y0, y1):
@@ -442,18 +449,23 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
         ha = torch.minimum(h if full else h[idx], t1a - ta)
         y1, f1, err, dense = solver.step(term, ta, ya, fa, ha)
         errn = controller.error_norm(err, ya, y1)
-        finite = torch.isfinite(y1).all(-1) & torch.isfinite(f1).all(-1) & torch.isfinite(errn)
+        # one isfinite for the three: a NaN or inf in y1 or f1 makes its row sum non-finite (a row
+        # sum overflowing on finite values is far beyond max_norm, and then rejected just the same)
+        finite = torch.isfinite(errn + y1.sum(-1) + f1.sum(-1))
         if not controller.adaptive:
             _check_finite(torch.where(finite[:, None], y1, torch.nan), idx, ta, controller)
         accept = finite & (errn <= 1.0)
         n_steps += active
         rejected = ~accept
-        if full:
+        any_rejected = bool(rejected.any())
+        if not any_rejected:
+            pass
+        elif full:
             n_rej += rejected
         else:
             n_rej.index_add_(0, idx, rejected.long())
         t_new = ta + ha
-        if controller.adaptive:
+        if controller.adaptive and any_rejected:
             tiny = rejected & (ha <= min_relative_step * torch.clamp(ta.abs(), min=1e-3))
             if tiny.any():
                 b = idx[tiny][0].item()
@@ -462,8 +474,7 @@ def solve(term: ODETerm, y0: torch.Tensor, t1, *, solver=None, controller=None,
                     f"{ta[tiny][0].item():.6g}; the flow is blowing up or too stiff for an explicit "
                     f"method. Lower the initial scale or learning-problem size, or raise rtol/atol "
                     f"(now rtol={controller.rtol:g}, atol={controller.atol:g}).")
-        big = accept & (y1.abs().amax(-1) > max_norm)
-        if big.any():
+        if bool(y1.abs().amax() > max_norm) and (big := accept & (y1.abs().amax(-1) > max_norm)).any():
             b = idx[big][0].item()
             raise DivergenceError(
                 f"run {b}: parameters exceeded max_norm = {max_norm:g} at t = {t_new[big][0].item():.6g}: "

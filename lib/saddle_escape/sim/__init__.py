@@ -10,7 +10,7 @@ The modules load on first use: the command line and the book machinery need only
 import importlib
 
 _MODULES = ("activations", "counts", "data", "embedding", "errors", "escape", "fits", "imbalance", "integrate",
-           "networks", "progress", "reduced", "saxe", "twolayer", "units")
+           "networks", "progress", "reduced", "relative_step", "saxe", "twolayer", "units")
 
 
 def __getattr__(name):

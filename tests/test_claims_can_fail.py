@@ -605,20 +605,20 @@ def test_a_passed_value_wins_over_the_quick_profile(chapter, tmp_path):
         assert got == value, f"{chapter}: -p {name} {value!r} became {got!r} in the quick profile"
 
 
-@pytest.mark.parametrize("activation, reason", [
-    # sigma = z + a z^2 overflows in its He-scale front layers
-    ("quadratic", "activation = 'quadratic'"),
-    # ReLU: on the finite sample the adaptive integrator chatters along the kink already on the
-    # plateau, and gradient descent needs t_esc / eta steps with t_esc up to ~1e11 (see the chapter)
-    ("relu", "activation = 'relu'.*smooth"),
+@pytest.mark.parametrize("activation, profile, reason", [
+    # sigma = z + a z^2 squares the inputs' Gaussian tails in its He-scale front layers
+    ("quadratic", "quick", "activation = 'quadratic'"),
+    # ReLU runs by relative-step gradient descent, so far at r = 3 only: the book profile's
+    # r = 4, 5 are refused (see the chapter)
+    ("relu", "full", "r_values = "),
 ])
-def test_off_manifold_refuses_an_activation_it_cannot_follow(activation, reason, tmp_path):
+def test_off_manifold_refuses_an_activation_it_cannot_follow(activation, profile, reason, tmp_path):
     """Chapter 06: a clear refusal naming the parameter, not a DivergenceError deep in the
     integrator or a run that never ends."""
     cells = _setup_cells("06_off_manifold")
     ns: dict = {}
     exec(compile(cells[0], "parameters", "exec"), ns)
-    ns.update(profile="quick", activation=activation, results_dir=str(tmp_path / "results"),
+    ns.update(profile=profile, activation=activation, results_dir=str(tmp_path / "results"),
               figures_dir=str(tmp_path / "figures"))
     with pytest.raises(book.params.ParameterError, match=reason):
         for k, src in enumerate(cells[1:]):

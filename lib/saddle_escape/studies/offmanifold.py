@@ -102,14 +102,16 @@ class Sweep:
 
 def escape_sweep(term: GradientFlow, theta0: torch.Tensor, loss_ref: float, t_max: float, obs_fn,
                  gamma_fn, gamma_factors=(), n_save: int = 120, t_min_save: float = 1e-2,
-                 rtol: float = 1e-7, atol: float = 1e-12, stepper=None) -> Sweep:
+                 rtol: float = 1e-7, atol: float = 1e-12, stepper=None, escape_drop: float | None = None) -> Sweep:
     """All runs of ``theta0`` (B, P) in one integration; each stops at its escape: the loss crossing
-    ``(L(0) + loss_ref) / 2``. ``obs_fn`` (theta -> (B, len(OBSERVABLES)), e.g.
+    ``(L(0) + loss_ref) / 2``, or ``escape_drop * L(0)`` when ``escape_drop`` is given (then
+    ``loss_ref`` is not used). ``obs_fn`` (theta -> (B, len(OBSERVABLES)), e.g.
     :func:`observables`) is saved at t = 0 and on a log grid from ``t_min_save`` to ``t_max``.
     The state is also caught, by events, where ``gamma_fn`` (theta -> (B,)) first reaches
     ``gamma(0) * factor`` for each of ``gamma_factors`` -- the escape of a deep bottleneck is too
     abrupt in time for any fixed time grid to resolve -- and ``obs_fn`` there is ``level_obs``."""
-    half = 0.5 * (term.loss(theta0) + loss_ref)
+    L0 = term.loss(theta0)
+    half = 0.5 * (L0 + loss_ref) if escape_drop is None else escape_drop * L0
     gamma_fn = last_value_cache(gamma_fn)   # every level's event asks for gamma of the same state
     g0 = gamma_fn(theta0)
     events = [Event(lambda t, y, runs, c=c: math.log(c) + torch.log(g0[runs]) - torch.log(gamma_fn(y)),
@@ -190,14 +192,20 @@ class Experiment:
 
 def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps: float = 0.3,
                    t_max: float = 1e12, rtol: float = 1e-6, gamma_factors=tuple(10.0 ** np.arange(1, 19)),
-                   n_save: int = 120, step_fraction: float | None = None, pilot_drop: float = 0.5) -> Experiment:
+                   n_save: int = 120, step_fraction: float | None = None, pilot_drop: float = 0.5,
+                   escape_drop: float | None = None) -> Experiment:
     """He-normal nets (one per seed), the last ``r`` layers scaled by each eps; a pilot at
     ``pilot_eps`` (first seed) sets the reference loss (at twice the time its loss first fell below
     ``pilot_drop * L(0)``); all (seed, eps) runs go in one batch.
 
     ``step_fraction`` None: Dopri5 with error control ``rtol``; a number c: gradient descent with
     relative steps (:class:`~saddle_escape.sim.relative_step.RelativeStepGD`, every layer moves by at
-    most the fraction c per step; the pilot's steps also at most 0.5) -- for a non-smooth activation."""
+    most the fraction c per step; the pilot's steps also at most 0.5) -- for a non-smooth activation.
+
+    ``escape_drop`` None: the escape is the loss crossing halfway between ``L(0)`` and the pilot's
+    reference; a number q: the crossing of ``q * L(0)``, no pilot (``loss_ref`` is NaN) -- for an
+    activation whose first drop ends at a loss that varies from run to run (ReLU), sometimes above
+    the halfway level, where the run would wait on a second plateau that has nothing to do with eps."""
     from ..sim.relative_step import RelativeStepGD
     from ..sim.networks import he_normal, population_loss
 
@@ -205,15 +213,18 @@ def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps
     loss_fn = population_loss(net, data)
     term = GradientFlow(loss_fn)
     gd = None if step_fraction is None else RelativeStepGD(net.sizes, step_fraction)
-    loss_ref = pilot_loss_reference(term, he_normal(net, [seeds[0]], eps=pilot_eps, bottleneck=layers),
-                                    t_max, drop=pilot_drop, rtol=rtol,
-                                    stepper=None if gd is None else RelativeStepGD(net.sizes, step_fraction, h_max=0.5))
+    if escape_drop is None:
+        loss_ref = pilot_loss_reference(term, he_normal(net, [seeds[0]], eps=pilot_eps, bottleneck=layers),
+                                        t_max, drop=pilot_drop, rtol=rtol,
+                                        stepper=None if gd is None else RelativeStepGD(net.sizes, step_fraction, h_max=0.5))
+    else:
+        loss_ref = math.nan
     S = np.array([s for s in seeds for _ in eps_values])
     E = np.array([e for _ in seeds for e in eps_values], dtype=float)
     theta0 = he_normal(net, S.tolist(), eps=torch.as_tensor(E), bottleneck=layers)
     sweep = escape_sweep(term, theta0, loss_ref, t_max, observables(net, data, layers, loss_fn),
                          lambda y: signal_energy(net, data, y), gamma_factors, n_save=n_save, rtol=rtol,
-                         stepper=gd)
+                         stepper=gd, escape_drop=escape_drop)
     return Experiment(r, layers, S, E, loss_ref, sweep)
 
 

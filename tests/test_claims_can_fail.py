@@ -608,9 +608,7 @@ def test_a_passed_value_wins_over_the_quick_profile(chapter, tmp_path):
 @pytest.mark.parametrize("activation, profile, reason", [
     # sigma = z + a z^2 squares the inputs' Gaussian tails in its He-scale front layers
     ("quadratic", "quick", "activation = 'quadratic'"),
-    # ReLU runs by relative-step gradient descent, so far at r = 3 only: the book profile's
-    # r = 4, 5 are refused (see the chapter)
-    ("relu", "full", "r_values = "),
+    ("quadratic", "full", "activation = 'quadratic'"),
 ])
 def test_off_manifold_refuses_an_activation_it_cannot_follow(activation, profile, reason, tmp_path):
     """Chapter 06: a clear refusal naming the parameter, not a DivergenceError deep in the
@@ -623,4 +621,20 @@ def test_off_manifold_refuses_an_activation_it_cannot_follow(activation, profile
     with pytest.raises(book.params.ParameterError, match=reason):
         for k, src in enumerate(cells[1:]):
             exec(compile(src, f"cell{k + 1}", "exec"), ns)
+
+
+def test_off_manifold_takes_relu_at_every_r_of_the_book_profile(tmp_path):
+    """Chapter 06 with ReLU at the book profile: r = 3, 4, 5 (and the digits runs at 3, 4) are
+    accepted, run by relative-step gradient descent with the escape at 0.9 L(0) -- the level that
+    every run's partial first drop passes (tests/test_offmanifold.py: r = 4 under the halfway rule
+    waits on the second plateau). Once refused at r >= 4; a refusal coming back fails here."""
+    cells = _setup_cells("06_off_manifold")
+    ns: dict = {}
+    exec(compile(cells[0], "parameters", "exec"), ns)
+    ns.update(profile="full", activation="relu", results_dir=str(tmp_path / "results"),
+              figures_dir=str(tmp_path / "figures"))
+    for k, src in enumerate(cells[1:]):
+        exec(compile(src, f"cell{k + 1}", "exec"), ns)
+    assert ns["r_values"] == [3, 4, 5] and ns["real_r_values"] == [3, 4]
+    assert ns["stepping"] == dict(step_fraction=0.05, escape_drop=0.9)
 

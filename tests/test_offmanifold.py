@@ -104,3 +104,25 @@ def test_relu_runs_as_relative_step_gradient_descent():
     ex = om.run_experiment(net, ds, 3, [3e-2, 3e-3], [1], step_fraction=0.05, pilot_drop=0.9)
     assert np.all(np.isfinite(ex.times)) and ex.sweep.solution.n_steps.max() < 1000
     assert 5 < ex.times[1] / ex.times[0] < 15          # t_esc ~ 1/eps for r = 3
+
+
+def test_relu_r4_escapes_in_its_first_drop():
+    """Chapter 06 with ReLU at r = 4 (its book size: width 16, 256 samples): seed 2 ends its
+    first, partial drop above the halfway level of the smooth activations' rule and then waits on a
+    second plateau (relative steps oscillate there, the sweep never ends); the escape at 0.9 L(0)
+    is in the first drop of every run, a few hundred steps, and t_esc ~ eps^-2."""
+    from saddle_escape.sim.errors import DivergenceError
+
+    ds = data.single_index_samples(data.ScalarTeacher(1.0, 0.3), 256, 16, seed=0)
+    net = networks.MLP.build(16, 16, 6, "relu")
+    eps, seeds = [3e-2, 3e-3, 3e-4], [1, 2]   # the pilot of the halfway rule is seed 1, as in the chapter
+    ex = om.run_experiment(net, ds, 4, eps, seeds, t_max=1e15, step_fraction=0.05, escape_drop=0.9, max_steps=500)
+    assert np.all(np.isfinite(ex.times)) and ex.sweep.solution.n_steps.max() < 400
+    L0 = ex.sweep.obs[:, 0, 0]
+    np.testing.assert_allclose(ex.sweep.escape_obs[:, 0] / L0, 0.9, rtol=1e-6)   # the escape is at 0.9 L(0)
+    fit, _ = om.offset_power_law(ex.eps, ex.times, ex.seeds)
+    assert abs(fit.slope + 2) < 0.05
+    # the halfway rule on the same runs: stuck on the second plateau, 500 steps (more than twice
+    # what the first drop took) run out
+    with pytest.raises(DivergenceError, match="max_steps"):
+        om.run_experiment(net, ds, 4, eps, seeds, t_max=1e15, step_fraction=0.05, pilot_drop=0.9, max_steps=500)

@@ -102,10 +102,12 @@ class Sweep:
 
 def escape_sweep(term: GradientFlow, theta0: torch.Tensor, loss_ref: float, t_max: float, obs_fn,
                  gamma_fn, gamma_factors=(), n_save: int = 120, t_min_save: float = 1e-2,
-                 rtol: float = 1e-7, atol: float = 1e-12, stepper=None, escape_drop: float | None = None) -> Sweep:
+                 rtol: float = 1e-7, atol: float = 1e-12, stepper=None, escape_drop: float | None = None,
+                 max_steps: int = 1_000_000) -> Sweep:
     """All runs of ``theta0`` (B, P) in one integration; each stops at its escape: the loss crossing
     ``(L(0) + loss_ref) / 2``, or ``escape_drop * L(0)`` when ``escape_drop`` is given (then
-    ``loss_ref`` is not used). ``obs_fn`` (theta -> (B, len(OBSERVABLES)), e.g.
+    ``loss_ref`` is not used). ``max_steps``: the integrator's step budget per run (a DivergenceError
+    when it is spent before every run escaped or reached ``t_max``). ``obs_fn`` (theta -> (B, len(OBSERVABLES)), e.g.
     :func:`observables`) is saved at t = 0 and on a log grid from ``t_min_save`` to ``t_max``.
     The state is also caught, by events, where ``gamma_fn`` (theta -> (B,)) first reaches
     ``gamma(0) * factor`` for each of ``gamma_factors`` -- the escape of a deep bottleneck is too
@@ -122,7 +124,8 @@ def escape_sweep(term: GradientFlow, theta0: torch.Tensor, loss_ref: float, t_ma
     # the slowest escapes (class C, r = 5, smallest eps) come after t ~ 3e12 and still need steps
     # of O(0.1): the default collapse test (rejected steps below 1e-13 t) would stop them there
     kw = dict(controller=PIController(rtol=rtol, atol=atol)) if stepper is None else dict(solver=stepper, controller=stepper)
-    sol = solve(term, theta0, t_max, events=events, saveat=SaveAt(ts, fn=obs_fn), min_relative_step=1e-15, **kw)
+    sol = solve(term, theta0, t_max, events=events, saveat=SaveAt(ts, fn=obs_fn), min_relative_step=1e-15,
+                max_steps=max_steps, **kw)
 
     def at_events(k):  # obs_fn at the states where event k fired (NaN where it did not)
         out = np.full((theta0.shape[0], len(OBSERVABLES)), np.nan)
@@ -193,7 +196,7 @@ class Experiment:
 def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps: float = 0.3,
                    t_max: float = 1e12, rtol: float = 1e-6, gamma_factors=tuple(10.0 ** np.arange(1, 19)),
                    n_save: int = 120, step_fraction: float | None = None, pilot_drop: float = 0.5,
-                   escape_drop: float | None = None) -> Experiment:
+                   escape_drop: float | None = None, max_steps: int = 1_000_000) -> Experiment:
     """He-normal nets (one per seed), the last ``r`` layers scaled by each eps; a pilot at
     ``pilot_eps`` (first seed) sets the reference loss (at twice the time its loss first fell below
     ``pilot_drop * L(0)``); all (seed, eps) runs go in one batch.
@@ -224,7 +227,7 @@ def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps
     theta0 = he_normal(net, S.tolist(), eps=torch.as_tensor(E), bottleneck=layers)
     sweep = escape_sweep(term, theta0, loss_ref, t_max, observables(net, data, layers, loss_fn),
                          lambda y: signal_energy(net, data, y), gamma_factors, n_save=n_save, rtol=rtol,
-                         stepper=gd, escape_drop=escape_drop)
+                         stepper=gd, escape_drop=escape_drop, max_steps=max_steps)
     return Experiment(r, layers, S, E, loss_ref, sweep)
 
 

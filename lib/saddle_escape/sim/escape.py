@@ -34,17 +34,20 @@ class Reference:
 
 def post_escape_reference(term: GradientFlow, theta0: torch.Tensor, norm_fn: Callable, t_max: float,
                           drop: float = 0.5, settle: float = 0.2, rtol: float = 1e-9,
-                          atol: float = 1e-12) -> Reference:
-    """Integrate one pilot run (``theta0`` of shape (1, P)) until the loss has fallen below
-    ``drop * L(0)`` and is *settled*: it changes by less than ``settle`` relative per e-fold of
-    time, ``t |dL/dt| < settle * L``."""
+                          atol: float = 1e-12, min_norm: float = 0.0) -> Reference:
+    """Integrate one pilot run (``theta0`` of shape (1, P)) until it has *escaped* -- the loss has
+    fallen below ``drop * L(0)`` and the weight norm ``|theta|`` is at least ``min_norm`` -- and
+    is *settled*: the loss changes by less than ``settle`` relative per e-fold of time,
+    ``t |dL/dt| < settle * L``. The norm guard is for a slow escape that is not separated from the
+    start, where the loss guard alone lets a mid-escape lull pass for a plateau."""
     L0 = term.loss(theta0)
 
     def settled(t, y, runs):
         L = term.loss(y)
         g = term(t, y)
         rate = t * (g * g).sum(-1)            # t |dL/dt| under gradient flow
-        return torch.where(L > drop * L0[runs], torch.ones_like(L), rate - settle * L)
+        escaped = (L < drop * L0[runs]) & (y.norm(dim=-1) >= min_norm)
+        return torch.where(escaped, rate - settle * L, torch.ones_like(L))
 
     sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol),
                 events=[Event(settled, direction=-1)])

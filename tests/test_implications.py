@@ -325,3 +325,51 @@ def test_linear_moments_gradient_equals_autograd():
     g_eta, L_eta = moment_flow(eta)._neg_grad_and_loss(th)
     assert torch.allclose(g_eta, eta[:, None] * g_ref, rtol=0, atol=1e-13)
     assert torch.allclose(L_eta, eta * L_ref, rtol=0, atol=1e-13)
+
+
+# ------------------------------------------------------------------ cubic units: the window closes where the run stopped
+
+def _fast_last_drop(eps):
+    """A saved loss curve whose plateau (at 6% of the initial loss, gradient eps^3) ends in a drop
+    to the stop level that falls between the last two grid points: the last saved point is on the
+    plateau, as for cubic units; the run itself stopped at 0.2%."""
+    ts = np.linspace(0, 10, 400)
+    loss = 1 - 0.94 / (1 + np.exp(-8 * (ts - 2)))
+    grad = np.abs(np.gradient(loss, ts)) + eps ** 3
+    return ts, loss, grad
+
+
+def test_window_closes_at_the_loss_where_the_run_stopped(check):
+    eps = np.array([0.1, 0.07, 0.05])
+    right = [I.min_gradient_between_drops(*_fast_last_drop(e), final=0.002) for e in eps]
+    assert check(I.saddle_exponent(eps, right), 0.5, kind="min")
+    assert I.saddle_exponent(eps, right) == pytest.approx(3.0, abs=0.05)
+    # wrong input: the last saved point taken as the final value -- the plateau itself, so the
+    # window ends above it and holds the first drop only (what made seeds 1, 2 and 9 fail)
+    wrong = [I.min_gradient_between_drops(*_fast_last_drop(e)) for e in eps]
+    assert not check(I.saddle_exponent(eps, wrong), 0.5, kind="min")
+
+
+def test_cubic_units_visit_a_saddle_and_tanh_does_not_under_the_same_rule(check):
+    """Real runs at seed 0 (a few seconds): cubic units rest on a plateau where the waiting unit's
+    gradient is O(eps^3); tanh units under the very same rule give no exponent >= 0.5."""
+    torch.set_num_threads(1)
+    fam = I.unit_family(["cubic", "tanh"], 3, I.FAMILY_EPS, 0)
+    c, t = fam["cubic"], fam["tanh"]
+    assert not c["stuck"].any() and c["ray"] == 0
+    gamma = I.saddle_exponent(c["eps"], c["g_min"])
+    assert check(gamma, 0.5, kind="min") and gamma == pytest.approx(3.0, abs=0.6)
+    # where the minimum is: on the intermediate plateau, inside the window, at one loss level for every eps
+    levels = []
+    for b in range(len(c["eps"])):
+        i = np.flatnonzero(c["grad"][b] == c["g_min"][b])[0]
+        levels.append(c["loss"][b, i] / c["loss"][b, 0])
+    assert 0.05 < min(levels) and max(levels) - min(levels) < 0.01
+    # wrong input 1: the window closed at the last saved point (the first code) fails cubic
+    last_saved = [I.min_gradient_between_drops(c["ts"], c["loss"][b], c["grad"][b]) for b in range(len(c["eps"]))]
+    assert not check(I.saddle_exponent(c["eps"], last_saved), 0.5, kind="min")
+    # wrong input 2: a trajectory without a saddle (tanh, same width, teacher and rule) fails the
+    # cubic claim: its smallest gradient between the drops does not vanish with eps
+    g_tanh = I.saddle_exponent(t["eps"], t["g_min"])
+    assert not check(g_tanh, 0.5, kind="min")
+    assert min(t["g_min"]) > 0.05          # tanh: O(0.1) between the drops at every eps

@@ -373,3 +373,15 @@ def test_cubic_units_visit_a_saddle_and_tanh_does_not_under_the_same_rule(check)
     g_tanh = I.saddle_exponent(t["eps"], t["g_min"])
     assert not check(g_tanh, 0.5, kind="min")
     assert min(t["g_min"]) > 0.05          # tanh: O(0.1) between the drops at every eps
+
+
+def test_a_stuck_ray_stops_its_later_runs(check):
+    """x tanh x, seed 7: the eps = 0.1 run is stuck at its horizon, so the eps = 0.025 run (a four
+    times longer horizon, stiff) is not integrated further; no exponent comes from this ray."""
+    torch.set_num_threads(1)
+    fam = I.unit_family(["xtanh"], 3, {"xtanh": [0.1, 0.025]}, 7, max_rays=1)["xtanh"]
+    assert fam["stuck"].tolist() == [True, False] and fam["abandoned"].tolist() == [False, True]
+    assert np.isnan(fam["g_min"]).all()
+    (aside,) = fam["set_aside"]
+    assert aside["n_abandoned"] == 1 and aside["eig"][0, 0] < 0
+    assert not check(I.saddle_exponent(fam["eps"], fam["g_min"]), 0.5, kind="min")

@@ -15,6 +15,12 @@ pre-activations slide along 0); this scheme does not, and its error is first ord
 the deep-linear plateau ``dy/dt = y^(r-1)`` it multiplies every step's ``y`` by ``1 + c`` and
 overestimates the escape time by the factor ``(r - 2) c / (1 - (1 + c)^-(r-2)) ~ 1 + (r - 1) c / 2``
 -- the same at every eps (the plateau is scale invariant), so a power-law exponent is unchanged.
+
+Use it up to the escape, not past it: once the weights are O(1), a move of ``c ||W_l||`` is no
+longer small against the curvature, and near a later saddle (ReLU's second plateau in chapter 06)
+the loss oscillates by several percent from step to step instead of falling, for thousands of
+steps. Chapter 06 therefore stops ReLU runs inside their first drop (at 0.9 L(0)); a pilot that
+must go further caps the step with ``h_max``.
 """
 from __future__ import annotations
 

@@ -41,6 +41,30 @@ def check_activation(name):
     return act
 
 
+#: Bottleneck sizes each activation runs, where it is not every r. The quadratic sigma(z) = z + z^2/2
+#: at r >= 4: after the drop its chain never settles -- the loss creeps down like t^-0.75 while
+#: X_1 -> 0 and the outer layers grow -- and the flow stiffens (a pilot from eps = 0.3, r = L = 4,
+#: needs > 3000 Dopri5 steps between t = 60 and 100; at r = L = 5 it takes 156 s to reach ten times its
+#: drop time), so the post-escape reference is not defined (measured December 2026). r <= 3: 8
+#: configurations, 9 eps each, in 12 s.
+MAX_R = {"quadratic": 3}
+
+
+def default_r_values(act, quick: bool) -> list[int]:
+    """The profile's r values (1..3 quick, 1..5 full), capped by :data:`MAX_R` for ``act``."""
+    return [r for r in ([1, 2, 3] if quick else [1, 2, 3, 4, 5]) if r <= MAX_R.get(act.name, r)]
+
+
+def check_r_values(act, r_values) -> list[int]:
+    """``r_values``, or a :class:`ParameterError` naming the cap of :data:`MAX_R` and its reason."""
+    hi = MAX_R.get(act.name)
+    if hi is not None and max(r_values) > hi:
+        raise ParameterError("r_values", list(r_values), f"must be <= {hi} with the {act.name} activation: for r >= "
+                             f"{hi + 1} its chain never settles after the escape (the loss creeps like t^-0.75 and the "
+                             "flow stiffens), so the post-escape reference is undefined (see critical_depth.MAX_R)")
+    return r_values
+
+
 def configurations(r_values, depth_offsets) -> list[tuple[int, int]]:
     """The (r, L = r + offset) pairs, keeping L >= 2 (a depth-1 chain has no activation)."""
     pairs = [(r, r + o) for r in r_values for o in depth_offsets if r + o >= 2]

@@ -274,23 +274,8 @@ def pilot_reference(term: GradientFlow, theta0: torch.Tensor, eps: float, t_max:
     A pilot that has not escaped and settled by ``t_max`` raises. ``rtol`` 1e-7 gives the
     reference loss and norm within 1e-8 relative of 1e-9's (the four one-law units, seeds 6, 7)
     at 45% of the cost: the settling point itself is only defined to O(1) in time."""
-    L0 = term.loss(theta0)
-    grown = float(theta0.norm()) / math.sqrt(eps)
-
-    def settled(t, y, runs):
-        L = term.loss(y)
-        g = term(t, y)
-        rate = t * (g * g).sum(-1)            # t |dL/dt| under gradient flow
-        escaped = (L < drop * L0[runs]) & (y.norm(dim=-1) >= grown)
-        return torch.where(escaped, rate - settle * L, torch.ones_like(L))
-
-    sol = solve(term, theta0, t_max, controller=PIController(rtol=rtol, atol=atol),
-                events=[Event(settled, direction=-1)])
-    if sol.censored[0, 0]:
-        raise RuntimeError(f"the pilot run did not escape and settle before t_max = {t_max:g}; "
-                           "raise t_max or use a larger eps for the pilot")
-    y = sol.event_states[0]
-    return escape.Reference(loss=term.loss(y).item(), norm=theta_norm(y).item(), time=sol.event_times[0, 0].item())
+    return escape.post_escape_reference(term, theta0, theta_norm, t_max, drop=drop, settle=settle, rtol=rtol,
+                                        atol=atol, min_norm=float(theta0.norm()) / math.sqrt(eps))
 
 
 def escape_sweep(problem: Problem, eps, seed: int, pilot_eps: float = 0.05, drop: float = 0.95,

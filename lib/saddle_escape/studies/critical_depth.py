@@ -56,7 +56,7 @@ def default_r_values(act, quick: bool) -> list[int]:
 
 
 def check_r_values(act, r_values) -> list[int]:
-    """``r_values``, or a :class:`ParameterError` naming the cap of :data:`MAX_R` and its reason."""
+    """``r_values``, or a :class:`~saddle_escape.sim.errors.ParameterError` naming the cap of :data:`MAX_R` and its reason."""
     hi = MAX_R.get(act.name)
     if hi is not None and max(r_values) > hi:
         raise ParameterError("r_values", list(r_values), f"must be <= {hi} with the {act.name} activation: for r >= "

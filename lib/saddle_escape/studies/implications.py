@@ -691,6 +691,18 @@ def spectrum_attention(kappas, heads: int, eps, seeds, rel: float = 0.05) -> dic
     return out
 
 
+def plateau_keep(res: dict) -> tuple[float, np.ndarray]:
+    """How eps x (second - first recruitment time) changes from the largest to the smallest eps of
+    one :func:`spectrum_attention` entry: the ratio of its means over the draws (1 for a plateau
+    proportional to 1/eps, 1/2 per halving of eps for an O(1) gap), and the draw-by-draw ratios.
+    A single draw is noise when its two leading heads start nearly tied: the plateau is then no
+    longer than an escape's own O(1) duration."""
+    e = res["eps"]
+    scaled = e * (res["times"][:, 1] - res["times"][:, 0])
+    small, large = e == e.min(), e == e.max()            # the draws align: grid_runs is eps-major
+    return float(scaled[small].mean() / scaled[large].mean()), scaled[small] / scaled[large]
+
+
 def width_linear(widths, kappa: float, eps: float, seeds) -> dict:
     """Fig. 2A, linear FC: mode-1 half-time per width and seed, measured and predicted by Saxe's
     balanced law from the effective initial overlap ``A0`` of those very weights."""

@@ -236,8 +236,10 @@ def _depth_batch(activation, depth_rs, *, eps, teacher, big, pilot_eps, handoff,
         p_eps = pilot_eps if pilot_eps is not None else (0.3 if r >= 2 else 0.1)  # r = 1 has no plateau
         pilot = initial_scales(depth, r, [max(p_eps, float(np.max(eps)))], big)
         t_guess = float(integral_T(p_eps, r) / a) + 10.0
-        ref = references.get((r, depth)) or escape.post_escape_reference(term, pilot, bottleneck_norm(r),
-                                                                          t_max=1e3 * t_guess)
+        # the pilot at the sweep's tolerance (a looser sweep gets a cheaper pilot: at 1e-7 its reference
+        # moves by 1e-9 relative), never tighter than the 1e-9 that already puts it at round-off
+        ref = references.get((r, depth)) or escape.post_escape_reference(
+            term, pilot, bottleneck_norm(r), t_max=1e3 * t_guess, rtol=max(rtol, 1e-9), atol=max(atol, 1e-12))
         rates.append(a)
         refs.append(ref)
         X0.append(initial_scales(depth, r, eps, big))

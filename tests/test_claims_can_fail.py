@@ -322,13 +322,29 @@ def test_relative_distance_fails_for_a_repelled_perturbation():
     assert not passes(growing["rel_after"], 1.0, kind="max")
 
 
-def test_distance_after_escape_fails_when_still_decaying():
-    t = np.linspace(0.0, 300.0, 301)
-    norm = np.ones_like(t)
-    flat = np.where(t < 150, np.exp(t / 50), math.exp(3))
-    decaying = np.where(t < 150, np.exp(t / 50), math.exp(3) * np.exp(-(t - 150) / 100))   # attracting
-    assert passes(abs(manifold.distance_phases(_trajectory(flat, norm), 140, 150)["after_change"]), 0.01, kind="max")
-    assert not passes(abs(manifold.distance_phases(_trajectory(decaying, norm), 140, 150)["after_change"]), 0.01, kind="max")
+def test_neutral_after_escape_fails_for_an_attracting_end_point(manifold_run):
+    """The claim: at the run's end point the surviving transverse perturbation delta feels no
+    restoring force, |q| = |delta^T H delta| / (|delta|^2 lambda_max) <= 0.01. q lambda_max is the
+    decay rate of |delta| (checked against the trajectory in tests/test_manifold.py), so a
+    manifold that attracts on the network's own time scale has q of order 0.01-1 and fails."""
+    from saddle_escape.sim.integrate import PIController, solve
+    _, _, traj = manifold_run                # ends at t = 20, at the escape (loss 4% of its start)
+    w = data.direction(2)
+    loss_fn = traj.term.loss_fn
+    # carried on to t = 40 (loss 1.7% of its start): what survives there is neutral
+    theta = solve(traj.term, traj.theta_end[1:], 20.0, controller=PIController(rtol=1e-9, atol=1e-14)).y_final[0]
+    late = manifold.transverse_curvature(loss_fn, traj.net, theta, w)
+    assert passes(abs(late["q"]), 0.01, kind="max")
+    # the same point with the perturbation placed along its stiffest transverse direction instead
+    # of the one the flow left: attracting (q = 0.027), fails
+    stiff = manifold.transverse_curvature(loss_fn, traj.net, theta, w, delta=late["transverse_vectors"][:, -1])
+    assert not passes(abs(stiff["q"]), 0.01, kind="max")
+    # weight decay 0.5 pulls every transverse direction in at rate 0.5: an attracting manifold, fails
+    decayed = lambda th: loss_fn(th) + 0.25 * (th ** 2).sum(-1)
+    assert not passes(abs(manifold.transverse_curvature(decayed, traj.net, theta, w)["q"]), 0.01, kind="max")
+    # measured at the escape instead of after it (the residual is still large): fails (q = 0.015);
+    # the chapter claims it only once the loss is down by 99%
+    assert not passes(abs(manifold.transverse_curvature(loss_fn, traj.net, traj.theta_end[1], w)["q"]), 0.01, kind="max")
 
 
 def test_gd_order_fails_for_a_biased_step():

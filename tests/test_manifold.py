@@ -118,3 +118,30 @@ def test_gd_full_vs_chain_roundoff_bound_fails_for_a_wrong_chain():
     wrong_chain = reduced.ScalarChain("tanh", 3, data.ScalarTeacher(1.0 + 1e-6, 0.0), width=3)
     wrong = manifold.gd_errors(wrong_chain, X0, [0.5, 0.25], traj, i_end)[2][0]
     assert manifold.relative_error(full, wrong).max().item() > 100 * bound
+
+
+def test_transverse_basis_spans_the_perturbations_and_the_output_does_not_see_it():
+    chain, net, ds, X0, w = _setup(depth=3, width=4, d=3)
+    T, E = manifold.transverse_basis(net, w), manifold.manifold_basis(net, w)
+    assert T.shape[1] == (4 - 1) + (16 - 1) + (4 - 1)
+    assert torch.allclose(T.T @ T, torch.eye(T.shape[1], dtype=T.dtype), atol=1e-13)
+    assert (E.T @ T).abs().max().item() < 1e-14
+    theta = chain.lift(X0, 3)
+    dlt = manifold.transverse_perturbation(net, theta, w, 1e-3, seed=2)[0]
+    assert (dlt - T @ (T.T @ dlt)).norm().item() < 1e-12 * dlt.norm().item()
+    # the chapter's argument: on the manifold the output's gradient is permutation invariant, so it
+    # has no transverse component and the transverse Hessian is the residual term alone
+    J = torch.autograd.functional.jacobian(lambda th: net.forward(th[None], ds.x)[0].reshape(-1), theta[0])
+    assert (J @ T).abs().max().item() < 1e-13 * J.abs().max().item()
+
+
+def test_transverse_curvature_is_the_decay_rate_of_the_distance():
+    chain = reduced.ScalarChain("tanh", 3, data.ScalarTeacher(1.0, 0.0), width=3, n_nodes=20)
+    X0 = torch.tensor([[0.05, 0.07, 0.09]], dtype=torch.float64)
+    ts = torch.arange(41, dtype=torch.float64) * 0.5
+    traj = manifold.full_vs_reduced(chain, X0, 2, ts, 1e-9, 1e-6)
+    c = manifold.transverse_curvature(traj.term.loss_fn, traj.net, traj.theta_end[1], data.direction(2))
+    assert abs(c["delta_norm"] - traj.dist[1, -1].item()) < 1e-6 * c["delta_norm"]
+    # d ln dist / dt = -q lambda_max to first order in delta (backward difference over the last step)
+    rate = -(math.log(traj.dist[1, -1].item()) - math.log(traj.dist[1, -2].item())) / 0.5
+    assert rate == pytest.approx(c["q"] * c["lam_max"], rel=0.05)

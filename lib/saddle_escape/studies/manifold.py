@@ -137,6 +137,7 @@ class Trajectories:
     net: MLP
     term: GradientFlow         # the full network's flow
     theta0: torch.Tensor       # (1, P) the on-manifold start
+    theta_end: torch.Tensor | None = None   # (2, P) both runs' weights at ts[-1]
 
 
 def full_vs_reduced(chain: ScalarChain, X0: torch.Tensor, input_dim: int, ts: torch.Tensor,
@@ -157,7 +158,7 @@ def full_vs_reduced(chain: ScalarChain, X0: torch.Tensor, input_dim: int, ts: to
                  saveat=SaveAt(ts, fn=observe), progress=True, desc="full network")
     L = chain.depth
     return Trajectories(ts, red.ys[0, :, :L], red.ys[0, :, L], full.ys[:, :, :L], full.ys[:, :, L],
-                        full.ys[:, :, L + 1], full.ys[:, :, L + 2], net, term, theta0)
+                        full.ys[:, :, L + 1], full.ys[:, :, L + 2], net, term, theta0, full.y_final)
 
 
 def distance_phases(traj: Trajectories, i_p: int, i_e: int, run: int = 1) -> dict:
@@ -165,7 +166,8 @@ def distance_phases(traj: Trajectories, i_p: int, i_e: int, run: int = 1) -> dic
     distance ``dist / ||theta||`` at the end of the plateau (grid index ``i_p``) over its start
     value, at the end of the grid over the plateau end, and -- when the grid runs at least half an
     escape time past the escape ``i_e`` -- the change of the *absolute* distance over the second
-    half of the post-escape stretch (near 0: neutral; negative: attracting; positive: repelling).
+    half of the post-escape stretch (``after_change``; it depends on how far the run has settled
+    by the end of the grid, so chapter 04 reports it but claims :func:`transverse_curvature`).
     Relative distances do not grow just because the weights grow, so they can show either answer."""
     dist, rel = traj.dist[run], traj.dist[run] / traj.norm[run]
     n = traj.ts.numel()
@@ -176,6 +178,66 @@ def distance_phases(traj: Trajectories, i_p: int, i_e: int, run: int = 1) -> dic
         i_mid = (i_e + n - 1) // 2
         out["after_change"] = (dist[-1] / dist[i_mid] - 1).item()
     return out
+
+
+def manifold_basis(net: MLP, w_star: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (P, L) of the symmetric manifold: the directions ``E_l`` of
+    :func:`~saddle_escape.sim.networks.symmetric_directions`, one per layer."""
+    dirs = networks.symmetric_directions(net, w_star)
+    cols = []
+    for l, d in enumerate(dirs):
+        parts = [d if k == l else torch.zeros_like(d) for k, d in enumerate(dirs)]
+        cols.append(MLP.flatten([p[None] for p in parts])[0])
+    return torch.stack(cols, dim=-1)
+
+
+def transverse_basis(net: MLP, w_star: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (P, K) of the *exact* transverse subspace: first-layer rows parallel to
+    ``w*`` with zero-sum coefficients, later layers zero-mean matrices (the subspace of
+    :func:`transverse_perturbation`, ``K = N_1 - 1 + sum_{l>=2} (N_l N_{l-1} - 1)``)."""
+    u = w_star.to(DTYPE) / w_star.norm()
+    cols = []
+    for l, (o, i) in enumerate(net.shapes):
+        eye = torch.eye(o if l == 0 else o * i, dtype=DTYPE)
+        blocks = []
+        for k, (o2, i2) in enumerate(net.shapes):
+            if k != l:
+                blocks.append(torch.zeros(eye.shape[0], o2, i2, dtype=DTYPE))
+            elif l == 0:
+                blocks.append(eye[:, :, None] * u[None, None, :])
+            else:
+                blocks.append(eye.reshape(-1, o, i))
+        cols.append(MLP.flatten(blocks).T)
+    S = torch.cat(cols, dim=-1)                       # the exact subspace, orthonormal columns
+    E = manifold_basis(net, w_star)
+    U, sv, _ = torch.linalg.svd(S - E @ (E.T @ S), full_matrices=False)
+    return U[:, sv > 0.5]                             # singular values are 1 (kept) or 0 (M itself)
+
+
+def transverse_curvature(loss_fn, net: MLP, theta: torch.Tensor, w_star: torch.Tensor,
+                         delta: torch.Tensor | None = None) -> dict:
+    """Curvature of the loss felt by the transverse part of ``theta`` (P,), at ``theta``.
+
+    ``delta`` (default: ``theta`` minus its orthogonal projection onto the manifold) is the
+    perturbation; ``q = delta^T H delta / (|delta|^2 lambda_max)``, with ``H`` the Hessian of
+    ``loss_fn`` at ``theta`` and ``lambda_max`` its largest eigenvalue in absolute value. To first
+    order in ``delta``, ``d ln|delta| / dt = -q lambda_max`` under the gradient flow, so ``q``
+    is the perturbation's restoring rate in units of the network's stiffest rate: 0 neutral,
+    > 0 attracting, < 0 repelling. Also returns ``lambda_max``, the eigenvalues of ``H``
+    restricted to the exact transverse subspace (:func:`transverse_basis`) over ``lambda_max``
+    (ascending) with their eigenvectors (P, K), and the loss at ``theta``."""
+    theta = theta.detach().reshape(-1).to(DTYPE)
+    E = manifold_basis(net, w_star)
+    if delta is None:
+        delta = theta - E @ (E.T @ theta)
+    H = torch.autograd.functional.hessian(lambda th: loss_fn(th[None])[0], theta)
+    H = (H + H.T) / 2
+    lam_max = torch.linalg.eigvalsh(H).abs().max().item()
+    q = (delta @ H @ delta / (delta @ delta) / lam_max).item()
+    T = transverse_basis(net, w_star)
+    ev, vec = torch.linalg.eigh(T.T @ H @ T)
+    return {"q": q, "lam_max": lam_max, "transverse": (ev / lam_max).numpy(), "transverse_vectors": T @ vec,
+            "loss": loss_fn(theta[None])[0].item(), "delta_norm": delta.norm().item()}
 
 
 def gradient_row_spread(term: GradientFlow, net: MLP, theta: torch.Tensor, layer: int) -> float:

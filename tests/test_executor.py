@@ -128,3 +128,43 @@ def test_book_jobs_2_one_failing_chapter_fails_the_command_others_cache(tmp_path
     again = pipeline.run_chapter(root / "chapters" / "99_fixture.md", out, profile="quick",
                                  package_dir=root / "lib" / "saddle_escape")  # what --root implies
     assert again.status == "cached"
+
+
+SIGTERM_SCRIPT = """
+import threading, time
+from saddle_escape.book import cli, executor as ex
+cli.exit_on_sigterm()
+with ex.ProcessExecutor(2) as pool:
+    def report():
+        while len(pool._pool._processes) < 2:
+            time.sleep(0.1)
+        print(*pool._pool._processes, flush=True)
+    threading.Thread(target=report, daemon=True).start()
+    list(pool.as_completed(time.sleep, [120, 120, 120]))
+"""
+
+
+def test_sigterm_stops_the_worker_processes():
+    """A killed sweep or book (SIGTERM: kill, timeout, a cancelled CI job) leaves no worker running
+    the next task; Python's default handler would leave both workers sleeping for two minutes."""
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    time.sleep(0.5)                                  # the tasks are running
+    start = time.monotonic()
+    proc.terminate()
+    assert proc.wait(timeout=30) == 143 and time.monotonic() - start < 30
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        time.sleep(0.1)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from . import executor as executors
@@ -79,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m saddle_escape`` and the ``saddle-escape`` script."""
     args = _parser().parse_args(argv)
+    exit_on_sigterm()
     try:
         project = pipeline.Project.at(args.root)
         if args.command == "book":
@@ -99,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     except (pipeline.PipelineError, executors.ExecutorError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, ``timeout``, a CI runner's cancel) into ``SystemExit(143)``, so that
+    the executors' ``with`` blocks run and stop their workers; Python's default would leave them."""
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def _run(args: argparse.Namespace, project: pipeline.Project, source) -> int:

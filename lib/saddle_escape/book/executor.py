@@ -96,8 +96,9 @@ class Executor:
             out[index] = result
         return out
 
-    def close(self) -> None:
-        pass
+    def close(self, abort: bool = False) -> None:
+        """Release the workers; ``abort`` (leaving on an exception or a signal) stops running tasks
+        instead of waiting for them."""
 
     def describe(self) -> str:
         return f"{self.name} ({self.workers} worker{'s' if self.workers != 1 else ''})"
@@ -105,8 +106,8 @@ class Executor:
     def __enter__(self) -> "Executor":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abort=exc_type is not None)
 
 
 class SerialExecutor(Executor):
@@ -144,7 +145,12 @@ class ProcessExecutor(Executor):
             for future in futures:
                 future.cancel()
 
-    def close(self):
+    def close(self, abort=False):
+        if abort:
+            # A worker may be running a whole chapter: without this, the chapters of a killed sweep
+            # run on to the end. (A chapter's kernel exits with its worker: ipykernel polls its parent.)
+            for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                process.terminate()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -169,7 +175,7 @@ class DaskExecutor(Executor):
         finally:
             self.client.cancel(futures)
 
-    def close(self):
+    def close(self, abort=False):
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()

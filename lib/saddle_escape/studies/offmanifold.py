@@ -231,24 +231,50 @@ def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps
     return Experiment(r, layers, S, E, loss_ref, sweep)
 
 
-def run_experiments(net: MLP, items, eps_values, seeds, map=map, **options) -> list[Experiment]:
+def with_depth(net: MLP, depth: int) -> MLP:
+    """``net`` with ``depth`` layers: the same input, hidden width, output and activation."""
+    w = tuple(net.widths)
+    return MLP((w[0],) + (w[1],) * (depth - 1) + (w[-1],), net.activation)
+
+
+def run_experiments(net: MLP, items, eps_values, seeds, map=map, front_layers: int | None = None,
+                    **options) -> list[Experiment]:
     """:func:`run_experiment` for every ``(data, r)`` of ``items``, in input order.
 
     Each item is one batched integration (all its seeds and eps), an independent task: ``map`` is
     the builtin (in this process) or a chapter's ``book.task_map()`` (on a cluster), with identical
     numbers. What crosses to a worker pickles: the network travels as its widths and activation
-    name (an activation holds lambdas), ``options`` are :func:`run_experiment`'s keywords."""
+    name (an activation holds lambdas), ``options`` are :func:`run_experiment`'s keywords.
+
+    ``front_layers`` None: every item runs on ``net``; a number k: the item of bottleneck depth r
+    runs on :func:`with_depth` ``(net, r + k)``, k He-normal front layers in front of the bottleneck
+    (the quadratic takes k = 1: every front layer squares the tails of its inputs)."""
     act = net.activation
     task = functools.partial(_experiment_task, tuple(net.widths), act.name, tuple(sorted(act.params.items())),
-                             eps_values=list(eps_values), seeds=list(seeds), **options)
+                             eps_values=list(eps_values), seeds=list(seeds), front_layers=front_layers, **options)
     return list(map(task, list(items)))
 
 
-def _experiment_task(widths, activation, act_params, item, **options) -> Experiment:
+def _experiment_task(widths, activation, act_params, item, front_layers=None, **options) -> Experiment:
     """One ``(data, r)`` of :func:`run_experiments`, with the network rebuilt from its description."""
     data, r = item
     net = MLP(tuple(widths), activations.get(activation, **dict(act_params)))
+    if front_layers is not None:
+        net = with_depth(net, r + front_layers)
     return run_experiment(net, data, r, **options)
+
+
+def first_bottleneck_preactivations(net: MLP, data: Dataset, r: int, seeds, eps: float) -> torch.Tensor:
+    """Pre-activations (B, n, N) of the first bottleneck layer ``L - r + 1`` at the He-normal
+    initialisation of :func:`run_experiment` (seeds ``seeds``, bottleneck scale ``eps``), on every
+    sample: the front's features times the eps-scaled first bottleneck matrix. For the quadratic
+    ``sigma(z) = z + a z^2``, ``a |z|`` is the size of the curvature term against the linear one,
+    which the escape law's derivation takes small."""
+    from ..sim.networks import he_normal
+
+    layers = bottleneck_layers(net.depth, r)
+    _, zs = net.forward(he_normal(net, list(seeds), eps=eps, bottleneck=layers), data.x)
+    return zs[layers[0] - 1]
 
 
 def offset_power_law(eps, t, groups, n_boot: int = 400, seed: int = 0, level: float = 0.95):

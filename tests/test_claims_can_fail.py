@@ -621,22 +621,49 @@ def test_a_passed_value_wins_over_the_quick_profile(chapter, tmp_path):
         assert got == value, f"{chapter}: -p {name} {value!r} became {got!r} in the quick profile"
 
 
-@pytest.mark.parametrize("activation, profile, reason", [
-    # sigma = z + a z^2 squares the inputs' Gaussian tails in its He-scale front layers
-    ("quadratic", "quick", "activation = 'quadratic'"),
-    ("quadratic", "full", "activation = 'quadratic'"),
-])
-def test_off_manifold_refuses_an_activation_it_cannot_follow(activation, profile, reason, tmp_path):
-    """Chapter 06: a clear refusal naming the parameter, not a DivergenceError deep in the
-    integrator or a run that never ends."""
+def _off_manifold_setup(tmp_path, **passed):
     cells = _setup_cells("06_off_manifold")
     ns: dict = {}
     exec(compile(cells[0], "parameters", "exec"), ns)
-    ns.update(profile=profile, activation=activation, results_dir=str(tmp_path / "results"),
-              figures_dir=str(tmp_path / "figures"))
-    with pytest.raises(book.params.ParameterError, match=reason):
-        for k, src in enumerate(cells[1:]):
-            exec(compile(src, f"cell{k + 1}", "exec"), ns)
+    ns.update(passed, results_dir=str(tmp_path / "results"), figures_dir=str(tmp_path / "figures"))
+    for k, src in enumerate(cells[1:]):
+        exec(compile(src, f"cell{k + 1}", "exec"), ns)
+    return ns
+
+
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_off_manifold_takes_the_quadratic_with_one_front_layer(profile, tmp_path):
+    """Chapter 06 with the quadratic (once refused: He-scale front layers square the inputs'
+    Gaussian tails): every r on its own net of depth r + 1 (one front layer), Dopri5, the escape at
+    0.9 L(0) with no pilot. A refusal coming back, or the book's depth 6 applied to it, fails here."""
+    ns = _off_manifold_setup(tmp_path, profile=profile, activation="quadratic")
+    assert ns["depth"] is None and ns["front_layers"] == 1
+    assert ns["stepping"] == dict(step_fraction=None, escape_drop=0.9)
+    assert ns["r_values"] == ([3] if profile == "quick" else [3, 4, 5])
+    # the other activations keep the book's net: depth 6, no per-r depth, the pilot's halfway rule
+    ns = _off_manifold_setup(tmp_path, profile=profile, activation="tanh")
+    assert ns["depth"] == 6 and ns["front_layers"] is None
+    assert ns["stepping"] == dict(step_fraction=None, escape_drop=None)
+
+
+@pytest.mark.parametrize("passed, name", [
+    # two or three front layers: the bottleneck is not small on the outlier samples
+    (dict(depth=6), "depth"),
+    (dict(depth=5, r_values=[3], real_r_values=[3]), "depth"),
+    (dict(depth=4, r_values=[3], real_r_values=[3, 4]), "real_r_values"),
+    (dict(r_values=[6]), "r_values"),
+])
+def test_off_manifold_refuses_a_quadratic_with_more_than_one_front_layer(passed, name, tmp_path):
+    """Chapter 06, quadratic: a clear refusal naming the parameter, not a DivergenceError deep in
+    the integrator or an exponent that misses (r = 3 at depth 5 fitted -1.084)."""
+    with pytest.raises(book.params.ParameterError, match=name):
+        _off_manifold_setup(tmp_path, profile="quick", activation="quadratic", **passed)
+
+
+def test_off_manifold_quadratic_passed_depth_wins(tmp_path):
+    ns = _off_manifold_setup(tmp_path, profile="quick", activation="quadratic", depth=5, r_values=[4],
+                             real_r_values=[4])
+    assert ns["depth"] == 5 and ns["net"].depth == 5 and ns["r_values"] == [4]
 
 
 def test_off_manifold_takes_relu_at_every_r_of_the_book_profile(tmp_path):

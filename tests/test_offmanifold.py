@@ -126,3 +126,34 @@ def test_relu_r4_escapes_in_its_first_drop():
     # what the first drop took) run out
     with pytest.raises(DivergenceError, match="max_steps"):
         om.run_experiment(net, ds, 4, eps, seeds, t_max=1e15, step_fraction=0.05, pilot_drop=0.9, max_steps=500)
+
+
+def test_quadratic_front_layers_set_the_curvature_of_the_bottleneck():
+    """Chapter 06's reason for one front layer with the quadratic (its data, width 16, seeds 1-5,
+    eps 3e-2, r = 3): behind one front layer the curvature term a|z| of the first bottleneck layer
+    stays below 1 on every sample; each further front layer squares the tails, and behind two it
+    exceeds 1 for every seed. A front that did not square the tails (e.g. tanh) stays small too."""
+    ds = data.single_index_samples(data.ScalarTeacher(1.0, 0.3), 256, 16, seed=0)
+    worst = {}
+    for front in (1, 2):
+        net = networks.MLP.build(16, 16, 3 + front, "quadratic")
+        z = om.first_bottleneck_preactivations(net, ds, 3, [1, 2, 3, 4, 5], 3e-2)
+        assert z.shape == (5, 256, 16)
+        worst[front] = 0.5 * z.abs().amax((1, 2)).numpy()
+    assert worst[1].max() < 1 and worst[2].min() > 1
+    z = om.first_bottleneck_preactivations(networks.MLP.build(16, 16, 5, "tanh"), ds, 3, [1, 2, 3, 4, 5], 3e-2)
+    assert 0.5 * z.abs().max() < 1
+
+
+def test_front_layers_give_each_r_its_own_depth():
+    ds = data.single_index_samples(data.ScalarTeacher(1.0, 0.3), 256, 16, seed=0)
+    net = networks.MLP.build(16, 16, 6, "quadratic")
+    assert om.with_depth(net, 4).widths == (16, 16, 16, 16, 1)
+    ex, = om.run_experiments(net, [(ds, 3)], [3e-2, 3e-3, 3e-4], [1, 2], front_layers=1, escape_drop=0.9,
+                             t_max=1e15)
+    assert ex.layers == (2, 3, 4)               # depth 4: one front layer
+    L0 = ex.sweep.obs[:, 0, 0]
+    np.testing.assert_allclose(ex.sweep.escape_obs[:, 0] / L0, 0.9, rtol=1e-6)
+    assert ex.sweep.solution.n_steps.max() < 200
+    fit, _ = om.offset_power_law(ex.eps, ex.times, ex.seeds)
+    assert abs(fit.slope + 1) < 0.05

@@ -328,7 +328,7 @@ def test_neutral_after_escape_fails_for_an_attracting_end_point(manifold_run):
     decay rate of |delta| (checked against the trajectory in tests/test_manifold.py), so a
     manifold that attracts on the network's own time scale has q of order 0.01-1 and fails."""
     from saddle_escape.sim.integrate import PIController, solve
-    _, _, traj = manifold_run                # ends at t = 20, at the escape (loss 4% of its start)
+    _, _, traj = manifold_run                # ends at t = 20, just past the escape (loss 4% of its start)
     w = data.direction(2)
     loss_fn = traj.term.loss_fn
     # carried on to t = 40 (loss 1.7% of its start): what survives there is neutral
@@ -342,7 +342,7 @@ def test_neutral_after_escape_fails_for_an_attracting_end_point(manifold_run):
     # weight decay 0.5 pulls every transverse direction in at rate 0.5: an attracting manifold, fails
     decayed = lambda th: loss_fn(th) + 0.25 * (th ** 2).sum(-1)
     assert not passes(abs(manifold.transverse_curvature(decayed, traj.net, theta, w)["q"]), 0.01, kind="max")
-    # measured at the escape instead of after it (the residual is still large): fails (q = 0.015);
+    # measured just past the escape (the residual is still large): fails (q = 0.015);
     # the chapter claims it only once the loss is down by 99%
     assert not passes(abs(manifold.transverse_curvature(loss_fn, traj.net, traj.theta_end[1], w)["q"]), 0.01, kind="max")
 

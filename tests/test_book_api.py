@@ -94,15 +94,19 @@ def test_claim_rejects_duplicates_and_bad_kinds(run):
         run.claim("c", "s", "x", 1.0)
 
 
-def test_figure_saves_png_and_svg(run, tmp_path):
+@pytest.mark.parametrize("profile", ["full", "quick"])
+def test_figure_saves_png_and_svg_in_the_full_profile(profile, tmp_path):
+    run = book.ChapterRun("42_demo", dict(profile=profile, seed=0, results_dir=str(tmp_path / "results"),
+                                          figures_dir=str(tmp_path / "figures")))
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
     png = run.figure(fig, "line", caption="a line")
+    svg = tmp_path / "figures" / "42_demo" / "line.svg"
     assert png == str(tmp_path / "figures" / "42_demo" / "line.png")
-    assert (tmp_path / "figures" / "42_demo" / "line.svg").is_file()
+    assert svg.is_file() == (profile == "full")            # quick (tests, checks) skips the slower half
     assert not plt.fignum_exists(fig.number)
     assert run.figures == [{"name": "line", "caption": "a line", "png": png,
-                            "svg": str(tmp_path / "figures" / "42_demo" / "line.svg"),
+                            "svg": str(svg) if profile == "full" else None,
                             "command": "python -m saddle_escape run 42", "width_in": 6.0,
                             "height_in": 4.5, "dpi": 150, "min_font_pt": 10.0}]
     with pytest.raises(ValueError):

@@ -7,7 +7,7 @@ A chapter looks like this::
     profile = "full"         # "full" for the book, "quick" for tests
     seed = 0                 # RNG seed
     results_dir = "results"  # where results/<chapter>.json goes
-    figures_dir = "figures"  # where figures/<chapter>/<name>.png|.svg go
+    figures_dir = "figures"  # where figures/<chapter>/<name>.png|.svg go (.svg: full profile only)
     eps_min = 1e-4           # smallest bottleneck scale
 
     # --- next cell ---
@@ -430,8 +430,10 @@ class ChapterRun:
 
     # ------------------------------------------------------------------ figures
     def figure(self, fig, name: str, caption: str | None = None, *, display: bool = True) -> str:
-        """Save `fig` as ``figures_dir/<chapter>/<name>.png`` (150 dpi) and ``.svg``, show it in
-        the notebook (so it appears on the page), close it, and record it in the results.
+        """Save `fig` as ``figures_dir/<chapter>/<name>.png`` (150 dpi) and, in the full profile,
+        ``.svg`` (the page's zoomable copy; the quick profile, for tests and checks, skips it: it is
+        the slower half of saving a figure, 1 s of a chapter's 30), show it in the notebook (so it
+        appears on the page), close it, and record it in the results.
 
         For a numbered caption on the page, give the code cell ``mystnb: figure:`` metadata;
         `caption` is stored in the results JSON. Returns the PNG path.
@@ -453,7 +455,8 @@ class ChapterRun:
         size = plotting.fit_to_column(fig)
         with matplotlib.rc_context({"svg.hashsalt": f"{self.chapter}/{name}"}):  # stable SVG ids
             fig.savefig(png, dpi=plotting.DPI, bbox_inches="tight", facecolor="white")
-            fig.savefig(svg, bbox_inches="tight", metadata={"Date": None}, facecolor="white")
+            if not self.quick:
+                fig.savefig(svg, bbox_inches="tight", metadata={"Date": None}, facecolor="white")
         alt = " ".join(str(caption or name.replace("_", " ")).split())
         if display and _in_ipython():
             # Show the saved file itself: the page gets exactly the PNG on disk, whatever
@@ -462,7 +465,7 @@ class ChapterRun:
             ipy_display(Image(filename=str(png), metadata={"alt": alt}))
             ipy_display(HTML(self.provenance_html()))
         plt.close(fig)
-        self.figures.append(dict(name=name, caption=caption, png=str(png), svg=str(svg),
+        self.figures.append(dict(name=name, caption=caption, png=str(png), svg=None if self.quick else str(svg),
                                  command=self.command, **size))
         return _Silent(png)
 

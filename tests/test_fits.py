@@ -103,3 +103,21 @@ def test_too_few_points():
 def test_fit_as_dict():
     d = fits.power_law([1, 2, 4], [1, 0.5, 0.25]).as_dict()
     assert set(d) == {"slope", "intercept", "ci_low", "ci_high", "r2", "window", "n_points"}
+
+
+@pytest.mark.parametrize("n_groups, per_group", [(3, 4), (5, 2), (8, 1), (1, 6)])
+def test_bootstrap_slopes_equal_linregress_per_resample(n_groups, per_group):
+    """The vectorised bootstrap draws the same resamples and gets the same slopes as calling
+    linregress on each resample's points (one point per group: resamples of one group are skipped)."""
+    from scipy import stats
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(n_groups) * 7 + 3, per_group)
+    u = np.log(np.tile(np.logspace(-1, -4, per_group), n_groups)) + (rng.normal(size=groups.size) if per_group == 1 else 0)
+    v = 2 - u + 0.05 * rng.normal(size=groups.size)
+    draw, labels, expected = np.random.default_rng(0), np.unique(groups), []
+    for _ in range(300):
+        idx = np.concatenate([np.flatnonzero(groups == g) for g in draw.choice(labels, size=labels.size, replace=True)])
+        if np.ptp(u[idx]) > 0:
+            expected.append(stats.linregress(u[idx], v[idx]).slope)
+    got = fits.bootstrap_slopes(u, v, groups, 300, np.random.default_rng(0))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -50,17 +50,29 @@ def linear_fit(u, v, groups=None, n_boot: int = 2000, seed: int = 0, level: floa
         tq = stats.t.ppf(0.5 + level / 2, max(len(u) - 2, 1))
         lo, hi = res.slope - tq * res.stderr, res.slope + tq * res.stderr
     else:
-        groups = np.asarray(groups)
-        labels = np.unique(groups)
-        rng = np.random.default_rng(seed)
-        slopes = []
-        for _ in range(n_boot):
-            pick = rng.choice(labels, size=len(labels), replace=True)
-            idx = np.concatenate([np.flatnonzero(groups == g) for g in pick])
-            if np.ptp(u[idx]) > 0:
-                slopes.append(stats.linregress(u[idx], v[idx]).slope)
+        slopes = bootstrap_slopes(u, v, groups, n_boot, np.random.default_rng(seed))
         lo, hi = np.quantile(slopes, [(1 - level) / 2, (1 + level) / 2])
     return float(res.slope), float(res.intercept), float(lo), float(hi), float(res.rvalue**2)
+
+
+def bootstrap_slopes(u, v, groups, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Least-squares slopes of ``v`` on ``u`` over ``n_boot`` resamples of whole groups (with
+    replacement; resamples whose ``u`` are all equal are skipped). A resample's slope comes from the
+    per-group sums weighted by how often it drew each group, so its cost does not grow with the
+    number of points (calling ``linregress`` per resample took 1.2 s per fit)."""
+    u, v, groups = np.asarray(u, float), np.asarray(v, float), np.asarray(groups)
+    labels, member = np.unique(groups, return_inverse=True)
+    k = len(labels)
+    counts = np.stack([np.bincount(np.searchsorted(labels, rng.choice(labels, size=k, replace=True)), minlength=k)
+                       for _ in range(n_boot)]).astype(float)
+    du, dv = u - u.mean(), v - v.mean()           # the slope is shift-invariant; centred sums stay small
+    sums = np.stack([np.bincount(member, w, minlength=k) for w in (np.ones_like(du), du, dv, du * du, du * dv)])
+    n, su, sv, suu, suv = (counts @ sums.T).T
+    drawn = counts > 0
+    u_min = np.array([u[member == g].min() for g in range(k)])
+    u_max = np.array([u[member == g].max() for g in range(k)])
+    varied = np.where(drawn, u_max, -np.inf).max(1) > np.where(drawn, u_min, np.inf).min(1)
+    return ((n * suv - su * sv) / (n * suu - su * su))[varied]
 
 
 def power_law(x, y, window=None, groups=None, **kw) -> Fit:

@@ -219,6 +219,15 @@ def test_attention_plateau_keep_is_pooled_over_draws(check):
     assert not check(I.plateau_keep(removed)[0], 0.8, kind="min")
 
 
+def test_attention_shorter_plateau_at_equal_eigenvalues_is_pooled_over_draws(check):
+    """kappa = 0 shortens attention's plateau against kappa = 1 over eight draws, while the single
+    draw of seed 9 (the chapter's old statistic, 1.67) has a longer one and fails the claim."""
+    pooled = I.spectrum_attention([0.0, 1.0], 3, [0.04, 0.02], list(range(9, 17)))
+    assert check(I.plateau_ratio(pooled[0.0], pooled[1.0]), 1.0, kind="max")
+    single = I.spectrum_attention([0.0, 1.0], 3, [0.04, 0.02], [9])
+    assert not check(I.plateau_ratio(single[0.0], single[1.0]), 1.0, kind="max")
+
+
 def test_init_scale_order_count_fails_when_out_of_order(check):
     ok = np.array([[1.0, 2.0, 3.0], [0.5, 1.0, 2.0]])
     bad = np.array([[1.0, 2.0, 3.0], [0.5, 0.4, 2.0]])

@@ -703,6 +703,13 @@ def plateau_keep(res: dict) -> tuple[float, np.ndarray]:
     return float(scaled[small].mean() / scaled[large].mean()), scaled[small] / scaled[large]
 
 
+def plateau_ratio(res: dict, reference: dict) -> float:
+    """Mean plateau between the first two recruitments of one :func:`spectrum_attention` entry over
+    that of ``reference`` (every eps and draw pooled): below 1 when ``res``'s plateaus are shorter."""
+    gap = lambda r: r["times"][:, 1] - r["times"][:, 0]   # noqa: E731
+    return float(np.mean(gap(res)) / np.mean(gap(reference)))
+
+
 def width_linear(widths, kappa: float, eps: float, seeds) -> dict:
     """Fig. 2A, linear FC: mode-1 half-time per width and seed, measured and predicted by Saxe's
     balanced law from the effective initial overlap ``A0`` of those very weights."""

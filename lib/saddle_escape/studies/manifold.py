@@ -191,10 +191,11 @@ def manifold_basis(net: MLP, w_star: torch.Tensor) -> torch.Tensor:
     return torch.stack(cols, dim=-1)
 
 
-def transverse_basis(net: MLP, w_star: torch.Tensor) -> torch.Tensor:
+def transverse_basis(net: MLP, w_star: torch.Tensor, E: torch.Tensor | None = None) -> torch.Tensor:
     """Orthonormal basis (P, K) of the *exact* transverse subspace: first-layer rows parallel to
     ``w*`` with zero-sum coefficients, later layers zero-mean matrices (the subspace of
-    :func:`transverse_perturbation`, ``K = N_1 - 1 + sum_{l>=2} (N_l N_{l-1} - 1)``)."""
+    :func:`transverse_perturbation`, ``K = N_1 - 1 + sum_{l>=2} (N_l N_{l-1} - 1)``); ``E``: the
+    :func:`manifold_basis`, when the caller has it already."""
     u = w_star.to(DTYPE) / w_star.norm()
     cols = []
     for l, (o, i) in enumerate(net.shapes):
@@ -209,7 +210,7 @@ def transverse_basis(net: MLP, w_star: torch.Tensor) -> torch.Tensor:
                 blocks.append(eye.reshape(-1, o, i))
         cols.append(MLP.flatten(blocks).T)
     S = torch.cat(cols, dim=-1)                       # the exact subspace, orthonormal columns
-    E = manifold_basis(net, w_star)
+    E = manifold_basis(net, w_star) if E is None else E
     U, sv, _ = torch.linalg.svd(S - E @ (E.T @ S), full_matrices=False)
     return U[:, sv > 0.5]                             # singular values are 1 (kept) or 0 (M itself)
 
@@ -234,7 +235,7 @@ def transverse_curvature(loss_fn, net: MLP, theta: torch.Tensor, w_star: torch.T
     H = (H + H.T) / 2
     lam_max = torch.linalg.eigvalsh(H).abs().max().item()
     q = (delta @ H @ delta / (delta @ delta) / lam_max).item()
-    T = transverse_basis(net, w_star)
+    T = transverse_basis(net, w_star, E)
     ev, vec = torch.linalg.eigh(T.T @ H @ T)
     return {"q": q, "lam_max": lam_max, "transverse": (ev / lam_max).numpy(), "transverse_vectors": T @ vec,
             "loss": loss_fn(theta[None])[0].item(), "delta_norm": delta.norm().item()}

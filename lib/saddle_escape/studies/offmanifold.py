@@ -233,8 +233,7 @@ def run_experiment(net: MLP, data: Dataset, r: int, eps_values, seeds, pilot_eps
 
 def with_depth(net: MLP, depth: int) -> MLP:
     """``net`` with ``depth`` layers: the same input, hidden width, output and activation."""
-    w = tuple(net.widths)
-    return MLP((w[0],) + (w[1],) * (depth - 1) + (w[-1],), net.activation)
+    return MLP.build(net.widths[0], net.widths[1], depth, net.activation, output_dim=net.widths[-1])
 
 
 def run_experiments(net: MLP, items, eps_values, seeds, map=map, front_layers: int | None = None,
@@ -275,6 +274,17 @@ def first_bottleneck_preactivations(net: MLP, data: Dataset, r: int, seeds, eps:
     layers = bottleneck_layers(net.depth, r)
     _, zs = net.forward(he_normal(net, list(seeds), eps=eps, bottleneck=layers), data.x)
     return zs[layers[0] - 1]
+
+
+def front_curvature(net: MLP, data: Dataset, r: int, seeds, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per seed, at the He-normal start of :func:`run_experiment`: the quadratic's curvature term
+    ``a |z|`` on the worst sample of the first bottleneck layer (:func:`first_bottleneck_preactivations`;
+    the derivation needs it small) and the initial loss. Forward passes only."""
+    from ..sim.networks import he_normal, population_loss
+
+    z = first_bottleneck_preactivations(net, data, r, seeds, eps)
+    L0 = population_loss(net, data)(he_normal(net, list(seeds), eps=eps, bottleneck=bottleneck_layers(net.depth, r)))
+    return net.activation.params["a"] * z.abs().amax((1, 2)).numpy(), L0.numpy()
 
 
 def offset_power_law(eps, t, groups, n_boot: int = 400, seed: int = 0, level: float = 0.95):
